@@ -1,0 +1,17 @@
+"""hydra_nb: which training samples made my model do this? HYDRA hypergradients, tracked while training.
+
+Public surface: :func:`track` (context manager around an unchanged training loop),
+:func:`open_store` and the :class:`Store` it returns (contributions, trajectory,
+hypergradients, tracked_indices).
+"""
+
+__version__ = "0.1.0"
+
+from .errors import HydraError, StoreError, TrackingConfigError, TrackingFailure  # noqa: E402
+from .query import Store, open_store  # noqa: E402
+from .track import Tracker, TrackingStoppedWarning, track  # noqa: E402
+
+__all__ = [
+    "track", "open_store", "Store", "Tracker", "HydraError", "StoreError", "TrackingConfigError",
+    "TrackingFailure", "TrackingStoppedWarning", "__version__",
+]

@@ -1,0 +1,461 @@
+"""Per-sample gradients, captured from the user's own backward pass.
+
+For every training forward (root model in training mode, autograd enabled) a
+forward hook keeps the layer's input a, and a hook on its output tensor
+receives δ = ∂(loss)/∂(output) during the user's ``backward()``. The gradient
+that sample b puts into ``.grad`` is then, per layer type,
+
+    Linear      G_b = Σ_l δ_bl a_blᵀ                    (l: positions, if any)
+    Conv        G_b = Σ_l δ_bl patch(a_b)_lᵀ             (patches made by a conv with P_in as kernel)
+    Embedding   G_b = Σ_l e_{idx_bl} δ_blᵀ
+    LayerNorm   g_b = Σ_l δ_bl ⊙ â_bl  (weight),  Σ_l δ_bl  (bias)
+    other       torch.func: vmap over samples of the module's vjp
+
+and each is projected factor-wise, P_out·G_b·P_inᵀ, without forming G_b. Since
+δ is what the backward really propagated, the reduction (mean or sum) and any
+loss the user wrote are accounted for: Σ_b G_b equals ``.grad``, which
+``check`` verifies.
+
+Rows of a batch are matched to dataset indices through the ``LoaderTap``.
+Nothing here raises into the user's backward: a failure is kept in
+``failure`` and handled by the tracker at the next optimizer step.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from .batches import LoaderTap
+from .errors import TrackingConfigError, TrackingFailure
+from .projection import Block, Projector
+
+_CONV = {nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d, nn.Conv3d: F.conv3d}
+_BATCHNORM = (nn.modules.batchnorm._BatchNorm, nn.SyncBatchNorm)
+
+
+@dataclass
+class RootCall:
+    """One call of the root model during a training forward (kept for exact mode's HVPs)."""
+
+    args: tuple
+    kwargs: dict
+    output: torch.Tensor
+    output_grad: torch.Tensor | None = None
+
+
+@dataclass
+class Pass:
+    """Everything captured for one batch from the loader, between two optimizer steps."""
+
+    generation: int
+    indices: torch.Tensor  # (B,) dataset indices, on the model's device
+    batch: Any  # the batch as the loader yielded it (targets for exact mode)
+    buf: torch.Tensor | None = None  # (B, dim) projected per-sample gradients
+    root_calls: list[RootCall] = field(default_factory=list)
+
+    def add(self, block: Block, values: torch.Tensor, dim: int) -> None:
+        if self.buf is None:
+            self.buf = torch.zeros(values.shape[0], dim, dtype=values.dtype, device=values.device)
+        self.buf[:, block.offset : block.stop] += values
+
+
+@dataclass
+class _FallbackCall:
+    module: nn.Module
+    owned: list[tuple[str, int]]  # (name relative to module, block index)
+    leaves: list  # flattened (args, kwargs)
+    spec: Any
+    outputs: list[torch.Tensor]
+    out_spec: Any
+    cotangents: list
+    generation: int
+
+
+def _owned_params(model: nn.Module, tracked: dict[int, int]) -> list[tuple[nn.Module, list[tuple[str, int]], str]]:
+    """(module, [(param name relative to module, block index)], handler kind) for every capturing module."""
+    result = []
+    claimed: set[int] = set()  # modules whose parameters a parent captures as a whole
+    for module in model.modules():
+        if id(module) in claimed:
+            continue
+        if isinstance(module, nn.MultiheadAttention):
+            # out_proj's weights are used functionally inside MHA's forward: capture MHA as one unit
+            owned = [(n, tracked[id(p)]) for n, p in module.named_parameters() if id(p) in tracked]
+            for sub in module.modules():
+                claimed.add(id(sub))
+            if owned:
+                result.append((module, owned, "fallback"))
+            continue
+        owned = [(n, tracked[id(p)]) for n, p in module.named_parameters(recurse=False) if id(p) in tracked]
+        if not owned:
+            continue
+        kind = "fallback"
+        if isinstance(module, nn.Linear):
+            kind = "linear"
+        elif type(module) in _CONV and module.groups == 1:
+            kind = "conv"
+        elif isinstance(module, nn.Embedding):
+            if module.max_norm is not None or module.scale_grad_by_freq or module.sparse:
+                raise TrackingConfigError(
+                    f"Embedding {module} uses max_norm, scale_grad_by_freq or sparse gradients, which make a "
+                    "sample's gradient depend on the rest of the batch (or are not SGD-compatible). "
+                    "Build it without these options to track it."
+                )
+            kind = "embedding"
+        elif isinstance(module, nn.LayerNorm):
+            kind = "layernorm"
+        result.append((module, owned, kind))
+    return result
+
+
+class GradientCapture:
+    """Hooks that turn the user's backward into projected per-sample gradients, one ``Pass`` per batch."""
+
+    def __init__(self, model: nn.Module, params: list[nn.Parameter], projector: Projector, tap: LoaderTap,
+                 keep_root_calls: bool = False):
+        self.model = model
+        self.params = params
+        self.projector = projector
+        self.tap = tap
+        self.keep_root_calls = keep_root_calls
+        self.passes: dict[int, Pass] = {}
+        self.fallback_calls: list[_FallbackCall] = []
+        self.failure: BaseException | None = None
+        self.suspended = False
+        self._handles: list = []
+        tracked = {id(p): i for i, p in enumerate(params)}
+        self.owners = _owned_params(model, tracked)
+        covered = {b for _, owned, _ in self.owners for _, b in owned}
+        uncovered = [projector.layout.slots[i].name for i in range(len(params)) if i not in covered]
+        if uncovered:  # pragma: no cover - every parameter belongs to some module
+            raise TrackingConfigError(f"hydra_nb found no module owning parameter(s) {uncovered}.")
+
+    # -- lifecycle -----------------------------------------------------------------------
+    def attach(self) -> None:
+        for module, owned, kind in self.owners:
+            blocks = {name: self.projector.blocks[b] for name, b in owned}
+            hook = self._fallback_hook(module, owned) if kind == "fallback" else self._layer_hook(kind, blocks)
+            self._handles.append(module.register_forward_hook(hook, with_kwargs=kind == "fallback"))
+        for module in self.model.modules():
+            if isinstance(module, _BATCHNORM):
+                self._handles.append(module.register_forward_pre_hook(self._batchnorm_guard))
+        if self.keep_root_calls:
+            self._handles.append(self.model.register_forward_hook(self._root_hook, with_kwargs=True))
+
+    def detach(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self.passes.clear()
+        self.fallback_calls.clear()
+
+    # -- hooks ---------------------------------------------------------------------------
+    def _capturing(self) -> bool:
+        return not self.suspended and self.failure is None and self.model.training and torch.is_grad_enabled()
+
+    def _pass_for(self, batch_size: int) -> Pass | None:
+        current = self.tap.current
+        if current is None:
+            self.failure = TrackingConfigError(
+                "The model ran a training forward before the tracked DataLoader yielded any batch. "
+                "hydra_nb.track must be given the DataLoader that your loop iterates."
+            )
+            return None
+        if len(current.indices) != batch_size:
+            self.failure = TrackingConfigError(
+                f"The model was called on a batch of {batch_size} samples, but the last batch of the tracked "
+                f"DataLoader holds {len(current.indices)}. hydra_nb matches batch rows to the loader's samples, "
+                "so the model must be trained on the batches of the DataLoader given to hydra_nb.track "
+                "(same order, not split or merged)."
+            )
+            return None
+        p = self.passes.get(current.generation)
+        if p is None:
+            p = Pass(current.generation, current.indices, current.batch)
+            self.passes[current.generation] = p
+        return p
+
+    def _batchnorm_guard(self, module, args):
+        if self._capturing() and module.training:
+            self.failure = TrackingConfigError(
+                f"{type(module).__name__} in training mode mixes the samples of a batch (batch statistics), "
+                "so per-sample gradients are not defined. Put BatchNorm layers in eval mode "
+                "(e.g. `for m in model.modules(): if isinstance(m, nn.BatchNorm2d): m.eval()`), use "
+                "GroupNorm/LayerNorm, or wait for hydra_nb's BatchNorm support."
+            )
+
+    def _layer_hook(self, kind: str, blocks: dict[str, Block]):
+        compute = {"linear": _linear, "conv": _conv, "embedding": _embedding, "layernorm": _layernorm}[kind]
+        dim = self.projector.dim
+
+        def hook(module, args, output):
+            if not self._capturing() or not torch.is_tensor(output) or not output.requires_grad:
+                return
+            a = args[0].detach()
+            p = self._pass_for(a.shape[0])
+            if p is None:
+                return
+
+            def on_grad(grad):
+                try:
+                    for block, values in compute(module, a, grad.detach(), blocks):
+                        p.add(block, values, dim)
+                except Exception as exc:  # never raise into the user's backward
+                    self.failure = TrackingFailure(
+                        f"capturing per-sample gradients of {type(module).__name__} failed: {exc!r}")
+
+            output.register_hook(on_grad)
+
+        return hook
+
+    def _fallback_hook(self, module: nn.Module, owned: list[tuple[str, int]]):
+        def hook(mod, args, kwargs, output):
+            if not self._capturing():
+                return
+            leaves, spec = tree_flatten((args, kwargs))
+            batched = [t for t in leaves if torch.is_tensor(t) and t.dim() > 0]
+            if not batched:
+                return
+            if getattr(mod, "batch_first", True) is False:
+                self.failure = TrackingConfigError(
+                    f"{type(mod).__name__} has batch_first=False; hydra_nb's per-sample fallback needs the "
+                    "batch on the first dimension. Build it with batch_first=True."
+                )
+                return
+            outs, out_spec = tree_flatten(output)
+            if not any(torch.is_tensor(o) and o.requires_grad for o in outs):
+                return
+            p = self._pass_for(batched[0].shape[0])
+            if p is None:
+                return
+            call = _FallbackCall(
+                mod, owned, [t.detach() if torch.is_tensor(t) else t for t in leaves], spec,
+                [o.detach() if torch.is_tensor(o) else o for o in outs], out_spec, [None] * len(outs),
+                p.generation,
+            )
+            for j, o in enumerate(outs):
+                if torch.is_tensor(o) and o.requires_grad:
+                    o.register_hook(_store_cotangent(call, j))
+            self.fallback_calls.append(call)
+
+        return hook
+
+    def _root_hook(self, module, args, kwargs, output):
+        if not self._capturing() or not torch.is_tensor(output) or not output.requires_grad:
+            return
+        leaves = [t for t in tree_flatten((args, kwargs))[0] if torch.is_tensor(t) and t.dim() > 0]
+        p = self._pass_for(leaves[0].shape[0] if leaves else output.shape[0])
+        if p is None:
+            return
+        call = RootCall(
+            tuple(a.detach() if torch.is_tensor(a) else a for a in args),
+            {k: v.detach() if torch.is_tensor(v) else v for k, v in kwargs.items()},
+            output.detach(),
+        )
+
+        def on_grad(grad):
+            call.output_grad = grad.detach() if call.output_grad is None else call.output_grad + grad.detach()
+
+        output.register_hook(on_grad)
+        p.root_calls.append(call)
+
+    # -- per step --------------------------------------------------------------------------
+    def take(self) -> list[Pass]:
+        """The passes since the last step (or zero_grad), with every fallback gradient computed."""
+        try:
+            self._run_fallbacks()
+        finally:
+            self.fallback_calls.clear()
+        passes = [p for _, p in sorted(self.passes.items()) if p.buf is not None]
+        self.passes.clear()
+        return passes
+
+    def drop(self) -> None:
+        """Gradients were zeroed: what was already backpropagated will never reach a step.
+
+        Passes whose backward has not run yet are kept (``zero_grad`` may come between the
+        forward and the backward).
+        """
+        self.passes = {g: p for g, p in self.passes.items() if p.buf is None}
+        self.fallback_calls = [c for c in self.fallback_calls if all(x is None for x in c.cotangents)]
+
+    def _run_fallbacks(self) -> None:
+        dim = self.projector.dim
+        for call in self.fallback_calls:
+            if all(c is None for c in call.cotangents):
+                continue
+            p = self.passes.get(call.generation)
+            if p is None:
+                continue
+            self.suspended = True
+            try:
+                grads = _per_sample_vjp(call, self.params)
+            except Exception as exc:
+                raise TrackingFailure(
+                    f"the torch.func fallback could not compute per-sample gradients of "
+                    f"{type(call.module).__name__}: {exc!r}. If the module uses randomness (dropout) or mixes "
+                    "samples of a batch, it cannot be tracked per sample."
+                ) from exc
+            finally:
+                self.suspended = False
+            for (name, b), g in zip(call.owned, grads):
+                block = self.projector.blocks[b]
+                p.add(block, block.project_matrix(g.to(block.dtype).reshape(g.shape[0], block.rows, block.cols)), dim)
+
+    def check(self, passes: list[Pass], rtol: float) -> tuple[list[Pass], float]:
+        """Verify Σ_b (projected per-sample gradient) = P(.grad), block by block.
+
+        Returns the passes that make up ``.grad`` (a suffix: earlier ones were zeroed
+        by other means than ``zero_grad``) and the relative error. Raises TrackingFailure
+        if no suffix matches.
+        """
+        blocks = self.projector.blocks
+        if all(p.grad is None for p in self.params):
+            return [], 0.0
+        ref = torch.cat([
+            torch.zeros(b.dim, dtype=b.dtype, device=p.device) if p.grad is None
+            else b.project_matrix(p.grad.detach().to(b.dtype).reshape(b.rows, b.cols))
+            for p, b in zip(self.params, blocks)
+        ])
+        scale = float(ref.norm()) + 1e-30
+        best = math.inf
+        for start in range(len(passes)):
+            total = sum(p.buf.sum(0) for p in passes[start:])
+            err = float((total.to(ref.dtype) - ref).norm()) / scale
+            best = min(best, err)
+            if err <= rtol:
+                return passes[start:], err
+        if not passes:
+            best = 1.0
+        names = [b.name for p, b in zip(self.params, blocks) if p.grad is not None]
+        raise TrackingFailure(
+            f"the per-sample gradients hydra_nb captured do not add up to the parameters' .grad "
+            f"(relative error {best:.2e}). Something changed .grad outside the model's layers (gradient "
+            "clipping, a gradient scaler, an extra loss term on the parameters such as a manual L2 penalty: "
+            "use the optimizer's weight_decay instead), or a parameter is used outside the module that owns it. "
+            f"Parameters with gradients: {', '.join(names[:8])}{'…' if len(names) > 8 else ''}."
+        )
+
+
+def _store_cotangent(call: _FallbackCall, j: int):
+    def hook(grad):
+        call.cotangents[j] = grad.detach() if call.cotangents[j] is None else call.cotangents[j] + grad.detach()
+
+    return hook
+
+
+def _per_sample_vjp(call: _FallbackCall, params: list[nn.Parameter]) -> list[torch.Tensor]:
+    """Per-sample gradient of Σ_j ⟨cotangent_j, output_j⟩ with respect to the module's own parameters."""
+    module = call.module
+    named = dict(module.named_parameters())
+    primals = {name: named[name].detach() for name, _ in call.owned}
+    batch = next(t.shape[0] for t in call.leaves if torch.is_tensor(t) and t.dim() > 0)
+    leaf_dims = [0 if torch.is_tensor(t) and t.dim() > 0 and t.shape[0] == batch else None for t in call.leaves]
+    cot_dims = [0 if c is not None else None for c in call.cotangents]
+    mask = [torch.is_tensor(o) for o in call.outputs]
+
+    def one(leaves, cots):
+        leaves = [t.unsqueeze(0) if d == 0 else t for t, d in zip(leaves, leaf_dims)]
+        args, kwargs = tree_unflatten(leaves, call.spec)
+
+        def f(p):
+            out = torch.func.functional_call(module, p, tuple(args), kwargs)
+            outs, _ = tree_flatten(out)
+            return tuple(o for o, m in zip(outs, mask) if m)
+
+        outs, vjp_fn = torch.func.vjp(f, primals)
+        full_cots = []
+        for o, m, c in zip(outs, [m for m in mask if m], [c for c, m in zip(cots, mask) if m]):
+            full_cots.append(torch.zeros_like(o) if c is None else c.unsqueeze(0))
+        return vjp_fn(tuple(full_cots))[0]
+
+    grads = torch.func.vmap(one, in_dims=(leaf_dims, cot_dims), randomness="error")(call.leaves, call.cotangents)
+    return [grads[name] for name, _ in call.owned]
+
+
+# -- layer formulas: each yields (block, (B, block.dim) projected per-sample gradient) --------
+def _cast(x: torch.Tensor, block: Block) -> torch.Tensor:
+    return x if x.dtype == block.dtype else x.to(block.dtype)
+
+
+def _linear(module: nn.Linear, a: torch.Tensor, d: torch.Tensor, blocks: dict[str, Block]):
+    B = a.shape[0]
+    a = a.reshape(B, -1, a.shape[-1])
+    d = d.reshape(B, -1, d.shape[-1])
+    if "weight" in blocks:
+        w = blocks["weight"]
+        pa = w.project_in(_cast(a, w))
+        pd = w.project_out(_cast(d, w))
+        yield w, torch.bmm(pd.transpose(1, 2), pa).reshape(B, w.dim)
+    if "bias" in blocks:
+        b = blocks["bias"]
+        yield b, b.project_out(_cast(d.sum(1), b))
+
+
+def _conv(module: nn.Module, a: torch.Tensor, d: torch.Tensor, blocks: dict[str, Block]):
+    B = a.shape[0]
+    if "weight" in blocks:
+        w = blocks["weight"]
+        a = _cast(a, w)
+        kernel_shape = module.weight.shape[1:]
+        if w.inn is None:
+            kernel = torch.eye(w.cols, dtype=a.dtype, device=a.device).reshape(w.cols, *kernel_shape)
+        else:
+            kernel = w.inn.reshape(w.k_in, *kernel_shape)
+        padding = module.padding
+        if module.padding_mode != "zeros":
+            a = F.pad(a, module._reversed_padding_repeated_twice, mode=module.padding_mode)
+            padding = 0
+        patches = _CONV[type(module)](a, kernel, None, module.stride, padding, module.dilation)
+        pa = patches.reshape(B, w.k_in, -1)  # (B, k_in, L) = P_in · patches
+        dd = _cast(d, w).reshape(B, w.rows, -1)  # (B, out, L)
+        pd = dd if w.out is None else torch.matmul(w.out, dd)  # (B, k_out, L)
+        yield w, torch.bmm(pd, pa.transpose(1, 2)).reshape(B, w.dim)
+    if "bias" in blocks:
+        b = blocks["bias"]
+        yield b, b.project_out(_cast(d.reshape(B, d.shape[1], -1).sum(2), b))
+
+
+def _embedding(module: nn.Embedding, idx: torch.Tensor, d: torch.Tensor, blocks: dict[str, Block]):
+    w = blocks["weight"]
+    B = idx.shape[0]
+    idx = idx.reshape(B, -1)
+    d = _cast(d, w).reshape(B, idx.shape[1], -1)
+    if module.padding_idx is not None:
+        d = d * (idx != module.padding_idx).unsqueeze(-1).to(d.dtype)
+    pd = w.project_in(d)  # (B, L, k_in)
+    if w.out is None:
+        g = torch.zeros(B, w.rows, w.k_in, dtype=pd.dtype, device=pd.device)
+        g.scatter_add_(1, idx.unsqueeze(-1).expand(-1, -1, w.k_in), pd)
+    else:
+        po = w.out.T[idx]  # (B, L, k_out): the columns of P_out picked by the indices
+        g = torch.bmm(po.transpose(1, 2), pd)
+    yield w, g.reshape(B, w.dim)
+
+
+def _layernorm(module: nn.LayerNorm, x: torch.Tensor, d: torch.Tensor, blocks: dict[str, Block]):
+    B = x.shape[0]
+    nd = len(module.normalized_shape)
+    dims = tuple(range(x.dim() - nd, x.dim()))
+    ref = next(iter(blocks.values()))
+    x = _cast(x, ref)
+    d = _cast(d, ref)
+    mean = x.mean(dims, keepdim=True)
+    var = x.var(dims, unbiased=False, keepdim=True)
+    xhat = (x - mean) / torch.sqrt(var + module.eps)
+    shape = tuple(module.normalized_shape)
+    if "weight" in blocks:
+        w = blocks["weight"]
+        g = (d * xhat).reshape(B, -1, *shape).sum(1)
+        yield w, w.project_matrix(g.reshape(B, w.rows, w.cols))
+    if "bias" in blocks:
+        b = blocks["bias"]
+        g = d.reshape(B, -1, *shape).sum(1)
+        yield b, b.project_matrix(g.reshape(B, b.rows, b.cols))

@@ -1,0 +1,362 @@
+"""``hydra_nb.track``: record a training run's HYDRA data without changing the training loop.
+
+Data flows one way: the ``LoaderTap`` names the samples of each batch, the
+``GradientCapture`` hooks turn the user's backward into per-sample gradients,
+the optimizer's step hooks read the SGD trace and (exact mode) advance the
+hypergradients, and the ``StoreWriter`` appends everything to the Zarr store in
+a background thread. Queries read the store (``hydra_nb.open_store``).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+import warnings
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .batches import LoaderTap
+from .capture import GradientCapture
+from .errors import TrackingConfigError, TrackingFailure
+from .hypergrad import ExactHypergradients, make_batch_loss, read_sgd_step, validate_optimizer
+from .params import ParamLayout
+from .projection import Projector
+from .store import StoreWriter, new_run_meta, prepare_path
+
+_LOG_DTYPES = {"float16": np.float16, "float32": np.float32, "float64": np.float64}
+_EXACT_MEMORY_LIMIT = 16 << 30
+
+
+class TrackingStoppedWarning(UserWarning):
+    """Tracking stopped in the middle of training; training went on."""
+
+
+def default_loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-sample cross-entropy: the default ``loss_fn``."""
+    return F.cross_entropy(outputs, targets, reduction="none")
+
+
+def _rtol(dtype: torch.dtype) -> float:
+    return {torch.float64: 1e-8, torch.float32: 2e-3}.get(dtype, 5e-2)
+
+
+class Tracker:
+    """The context manager returned by :func:`track`. See there."""
+
+    def __init__(self, model: nn.Module, loader, store, optimizer, mode: str = "fast",
+                 projection_dim: int | None = 1024, exact_indices=None, loss_fn: Callable | None = None,
+                 checkpoint_every: str | int = "epoch", *, seed: int = 0, store_dtype: str | None = None,
+                 overwrite: bool = False, strict: bool = False, hvp_batch: int = 32):
+        if not isinstance(model, nn.Module):
+            raise TrackingConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
+        validate_optimizer(optimizer)
+        if mode not in ("fast", "exact"):
+            raise TrackingConfigError(f"mode must be 'fast' or 'exact', got {mode!r}.")
+        if projection_dim is not None and (not isinstance(projection_dim, (int, np.integer)) or projection_dim < 1):
+            raise TrackingConfigError(f"projection_dim must be a positive int or None, got {projection_dim!r}.")
+        if checkpoint_every != "epoch" and (
+                not isinstance(checkpoint_every, (int, np.integer)) or isinstance(checkpoint_every, bool)
+                or checkpoint_every < 1):
+            raise TrackingConfigError(
+                f"checkpoint_every must be 'epoch' or a positive number of optimizer steps, got {checkpoint_every!r}.")
+        if loss_fn is not None and not callable(loss_fn):
+            raise TrackingConfigError("loss_fn must be a callable (outputs, targets) -> per-sample losses.")
+        if store_dtype is not None and store_dtype not in _LOG_DTYPES:
+            raise TrackingConfigError(f"store_dtype must be one of {sorted(_LOG_DTYPES)}, got {store_dtype!r}.")
+        if not isinstance(store, (str, os.PathLike)):
+            raise TrackingConfigError(f"store must be a folder path such as 'runs/a.zarr', got {type(store).__name__}.")
+        self.tap = LoaderTap(loader, on_epoch_end=self._on_epoch_end)  # validates the loader
+        self.model, self.optimizer, self.mode = model, optimizer, mode
+        self.projection_dim, self.seed, self.strict, self.overwrite = projection_dim, seed, strict, overwrite
+        self.loss_fn = loss_fn or default_loss
+        self.custom_loss = loss_fn is not None
+        self.checkpoint_every = checkpoint_every
+        self.path = Path(store)
+        self.n_train = self.tap.n_samples
+        self.layout, self.params = ParamLayout.from_model(model, optimizer)
+        self.param_dtype = self.params[0].dtype
+        if any(p.dtype != self.param_dtype for p in self.params):
+            raise TrackingConfigError("All tracked parameters must have one dtype (e.g. all float32).")
+        compute_dtype = self.param_dtype if self.param_dtype in (torch.float32, torch.float64) else torch.float32
+        self.compute_dtype = compute_dtype
+        default_log = "float64" if compute_dtype == torch.float64 else "float32"
+        self.log_dtype = _LOG_DTYPES[store_dtype or default_log]
+        self.hvp_batch = hvp_batch
+
+        if any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training for m in model.modules()):
+            raise TrackingConfigError(
+                "The model has BatchNorm layers in training mode. Their batch statistics mix the samples of a "
+                "batch, so per-sample gradients are not defined. Put them in eval mode before tracking "
+                "(e.g. `for m in model.modules(): if isinstance(m, nn.BatchNorm2d): m.eval()`), use "
+                "GroupNorm/LayerNorm, or wait for hydra_nb's BatchNorm support.")
+        if mode == "exact":
+            if exact_indices is None:
+                tracked = np.arange(self.n_train, dtype=np.int64)
+            else:
+                tracked = np.asarray(exact_indices).reshape(-1)
+                if tracked.size == 0 or not np.issubdtype(tracked.dtype, np.integer):
+                    raise TrackingConfigError("exact_indices must be a non-empty list of integer dataset indices.")
+                tracked = tracked.astype(np.int64)
+                if tracked.min() < 0 or tracked.max() >= self.n_train:
+                    raise TrackingConfigError(f"exact_indices must lie in [0, {self.n_train}) (the dataset size).")
+                if len(np.unique(tracked)) != len(tracked):
+                    raise TrackingConfigError("exact_indices contains duplicates.")
+            need = 2 * len(tracked) * self.layout.size * torch.finfo(compute_dtype).bits // 8
+            if need > _EXACT_MEMORY_LIMIT:
+                raise TrackingConfigError(
+                    f"exact mode would hold {need / 2**30:.1f} GiB of hypergradients ({len(tracked)} samples × "
+                    f"{self.layout.size} parameters × 2). Track fewer samples with exact_indices=..., or use mode='fast'.")
+            dropouts = [m for m in model.modules() if isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0]
+            if dropouts:
+                raise TrackingConfigError(
+                    "exact mode recomputes the batch loss for Hessian-vector products, and dropout makes it random. "
+                    "Set the dropout probabilities to 0 for the exact run, or use mode='fast'.")
+            self.tracked = tracked
+        else:
+            if exact_indices is not None:
+                raise TrackingConfigError("exact_indices applies to mode='exact' only; fast mode tracks every sample.")
+            self.tracked = None
+
+        self.step = 0
+        self.active = False
+        self.failure: BaseException | None = None
+        self.stats = {"steps": 0, "rows": 0, "tracking_seconds": 0.0, "started": None}
+        self._last_checkpoint = -1
+        self._pending_step = False
+        self._consistent = True
+        self._handles: list = []
+        self._patched: list = []
+
+    # -- context manager --------------------------------------------------------------------
+    def __enter__(self) -> "Tracker":
+        device = self.params[0].device
+        path = prepare_path(self.path, self.overwrite)
+        self.log_projector = Projector.plan(self.layout, self.projection_dim, self.seed, self.compute_dtype)
+        if self.mode == "exact":
+            capture_projector = Projector.plan(self.layout, None, self.seed, self.compute_dtype).to(device)
+            self.exact = ExactHypergradients(self.model, self.params, self.layout, self.tracked, self.n_train,
+                                             self.loss_fn, self.hvp_batch)
+        else:
+            capture_projector = self.log_projector.to(device)
+            self.exact = None
+        self._device_log_projector = self.log_projector.to(device)
+        self._buffers = [(n, b) for n, b in self.model.named_buffers() if b.is_floating_point()]
+        buffers_meta, offset = [], 0
+        for n, b in self._buffers:
+            buffers_meta.append({"name": n, "shape": list(b.shape), "offset": offset})
+            offset += b.numel()
+        config = {
+            "projection_dim": self.projection_dim, "seed": self.seed, "checkpoint_every": self.checkpoint_every,
+            "store_dtype": np.dtype(self.log_dtype).name, "loss_fn": "cross_entropy" if not self.custom_loss
+            else getattr(self.loss_fn, "__name__", "custom"), "custom_loss": self.custom_loss,
+            "batch_size": getattr(self.tap.loader, "batch_size", None), "torch_version": torch.__version__,
+            "device": str(device),
+        }
+        meta = new_run_meta(self.mode, self.n_train, self.layout, self.log_projector.to_json(), config, buffers_meta)
+        self.writer = StoreWriter(path, meta, self.layout, self.log_projector.arrays(), self.log_projector.dim,
+                                  self.log_dtype, np.dtype(str(self.compute_dtype).replace("torch.", "")), offset,
+                                  self.tracked)
+        self.capture = GradientCapture(self.model, self.params, capture_projector, self.tap,
+                                       keep_root_calls=self.mode == "exact")
+        self._checkpoint()
+        try:
+            self.tap.attach()
+            self.capture.attach()
+            self._handles.append(self.optimizer.register_step_pre_hook(self._before_step))
+            self._handles.append(self.optimizer.register_step_post_hook(self._after_step))
+            self._patch_zero_grad(self.optimizer)
+            self._patch_zero_grad(self.model)
+        except BaseException:
+            self._detach()
+            self.writer.close("failed", "could not attach hooks")
+            raise
+        self._n_groups = len(self.optimizer.param_groups)
+        self.active = True
+        self.stats["started"] = time.perf_counter()
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc is None:
+            self._stop("complete", "")
+        elif self.active:
+            self._stop("interrupted", f"{exc_type.__name__} in the training loop at step {self.step}")
+        return False
+
+    @property
+    def store(self):
+        """The run's store, opened for queries (with this run's ``loss_fn``)."""
+        from .query import Store
+
+        return Store(self.path, loss_fn=self.loss_fn if self.custom_loss else None)
+
+    # -- hooks ------------------------------------------------------------------------------
+    def _patch_zero_grad(self, obj) -> None:
+        had = "zero_grad" in vars(obj)
+        original = obj.zero_grad
+
+        def zero_grad(*args, **kwargs):
+            if self.active:
+                self.capture.drop()
+            return original(*args, **kwargs)
+
+        object.__setattr__(obj, "zero_grad", zero_grad)
+        self._patched.append((obj, had, original))
+
+    def _detach(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        for obj, had, original in self._patched:
+            if had:
+                object.__setattr__(obj, "zero_grad", original)
+            else:
+                vars(obj).pop("zero_grad", None)
+        self._patched.clear()
+        self.capture.detach()
+        self.tap.detach()
+
+    def _should_check(self) -> bool:
+        return self.params[0].device.type == "cpu" or self.step < 3 or self.step % 100 == 0
+
+    def _before_step(self, optimizer, args, kwargs) -> None:
+        if not self.active:
+            return
+        start = time.perf_counter()
+        exact_touched = False
+        try:
+            if len(args) > 1 and args[1] is not None or kwargs.get("closure") is not None:
+                raise TrackingConfigError(
+                    "optimizer.step(closure) is not supported while tracking: call loss.backward() in your loop "
+                    "and then optimizer.step() without a closure.")
+            if self.writer.error is not None:
+                raise TrackingFailure(f"writing the store failed: {self.writer.error!r}")
+            if len(optimizer.param_groups) != self._n_groups:
+                raise TrackingFailure("the optimizer's parameter groups changed during training.")
+            if self.capture.failure is not None:
+                failure, self.capture.failure = self.capture.failure, None
+                raise failure
+            passes = self.capture.take()
+            if self._should_check():
+                passes, _ = self.capture.check(passes, _rtol(self.compute_dtype))
+            trace_row = read_sgd_step(optimizer, self.params, self.layout)
+            if passes:
+                samples = torch.cat([p.indices for p in passes])
+                rows = torch.cat([p.buf for p in passes])
+            else:
+                samples = torch.zeros(0, dtype=torch.int64)
+                rows = None
+            if self.exact is not None:
+                self.capture.suspended = True
+                batch_loss = make_batch_loss(self.model, passes, self.loss_fn, _rtol(self.compute_dtype))
+                exact_touched = True
+                if rows is not None:
+                    self.exact.step(trace_row, samples, rows, batch_loss)
+                    keep = (self.exact.slot_of[samples.to(self.exact.slot_of.device)] >= 0).cpu()
+                    samples, rows = samples[keep], self._device_log_projector.project_flat(rows[keep.to(rows.device)])
+                else:
+                    self.exact.step(trace_row, samples, torch.zeros(0, self.layout.size), batch_loss)
+            self.writer.put_step(trace_row, samples, None if rows is None else rows.to(_torch_dtype(self.log_dtype)))
+            self.stats["rows"] += len(samples)
+            self._pending_step = True
+        except Exception as exc:
+            # nothing of this step reached the store; exact h may have moved past it
+            self._consistent = not exact_touched
+            self._fail(exc)
+        finally:
+            self.capture.suspended = False
+            self.stats["tracking_seconds"] += time.perf_counter() - start
+
+    def _after_step(self, optimizer, args, kwargs) -> None:
+        if not self.active or not self._pending_step:
+            return
+        self._pending_step = False
+        self.step += 1
+        self.stats["steps"] = self.step
+        if isinstance(self.checkpoint_every, (int, np.integer)) and self.step % self.checkpoint_every == 0:
+            self._checkpoint()
+
+    def _on_epoch_end(self) -> None:
+        if self.active and self.checkpoint_every == "epoch" and self.step > self._last_checkpoint:
+            self._checkpoint()
+
+    def _checkpoint(self) -> None:
+        start = time.perf_counter()
+        params = self.layout.flatten([p.detach().to(self.compute_dtype) for p in self.params])
+        buffers = torch.cat([b.detach().reshape(-1).to(torch.float64) for _, b in self._buffers]) if self._buffers else None
+        h = self.exact.h if self.exact is not None else None
+        self.writer.put_checkpoint(self.step, params, buffers, h)
+        self._last_checkpoint = self.step
+        self.stats["tracking_seconds"] += time.perf_counter() - start
+
+    # -- failures ---------------------------------------------------------------------------
+    def _fail(self, exc: Exception) -> None:
+        if isinstance(exc, TrackingConfigError) and self.step == 0:
+            self._stop("failed", str(exc))
+            raise exc
+        self.failure = exc
+        if self.strict:
+            self._stop("stopped", f"tracking failed at step {self.step}: {exc}")
+            raise TrackingFailure(f"hydra_nb tracking failed at step {self.step}: {exc}") from exc
+        self._stop("stopped", f"tracking failed at step {self.step}: {exc}")
+        warnings.warn(
+            f"hydra_nb stopped tracking at step {self.step}: {exc}\nTraining goes on untracked. The store "
+            f"{str(self.path)!r} keeps steps 0..{self.step} and answers queries for training stopped there. "
+            "Pass strict=True to make this an error.", TrackingStoppedWarning, stacklevel=4)
+
+    def _stop(self, status: str, detail: str) -> None:
+        if not self.active and status != "failed":
+            return
+        was_active = self.active
+        self.active = False
+        self._detach()
+        if self._consistent and not self._pending_step and self.step > self._last_checkpoint and \
+                self.writer.error is None:
+            self._checkpoint()
+        elif self._pending_step or not self._consistent:
+            detail = (detail + "; " if detail else "") + f"the last checkpoint is at step {self._last_checkpoint}"
+        if was_active or status == "failed":
+            self.writer.close(status, detail)
+        self.stats["steps"] = self.step
+
+
+def _torch_dtype(np_dtype) -> torch.dtype:
+    return {np.float16: torch.float16, np.float32: torch.float32, np.float64: torch.float64}[np_dtype]
+
+
+def track(model: nn.Module, loader, store, optimizer, mode: str = "fast", projection_dim: int | None = 1024,
+          exact_indices=None, loss_fn: Callable | None = None, checkpoint_every: str | int = "epoch",
+          **options) -> Tracker:
+    """Track HYDRA hypergradients of every training sample while the user's own loop trains ``model``.
+
+    Use as a context manager around an unchanged training loop that iterates ``loader`` and calls
+    ``optimizer.step()`` (``torch.optim.SGD``)::
+
+        with hydra_nb.track(model, loader, store="runs/a.zarr", optimizer=opt):
+            for epoch in range(3):
+                for x, y in loader:
+                    opt.zero_grad(); loss_fn(model(x), y).backward(); opt.step()
+
+    The store then answers ``contributions[j, i] = −∂L(z_j; θ_T)/∂w_i``: the derivative of test sample
+    z_j's loss at the final parameters with respect to the weight (1 + w_i) of training sample i's term
+    in every batch loss, at w = 0. Positive means sample i lowered z_j's loss.
+
+    Args:
+        mode: ``"fast"`` (all samples, Hessian terms dropped) or ``"exact"`` (Hessian-vector products
+            kept, for ``exact_indices``; also records the fast estimate of the same samples).
+        projection_dim: total size of the seeded factor-wise random projection; None = full dimension.
+        exact_indices: exact mode only: dataset indices to track (None = all).
+        loss_fn: ``(outputs, targets) -> per-sample losses``; used for test losses and exact-mode HVPs.
+            Default: cross-entropy.
+        checkpoint_every: ``"epoch"`` or a number of optimizer steps between parameter checkpoints.
+        seed: projection seed. store_dtype: ``"float16"``, ``"float32"`` or ``"float64"`` for the
+            per-sample rows (default: float32, float64 for float64 models). overwrite: replace an
+            existing run at ``store``. strict: raise instead of warning if tracking fails mid-training.
+    """
+    return Tracker(model, loader, store, optimizer, mode, projection_dim, exact_indices, loss_fn, checkpoint_every,
+                   **options)
