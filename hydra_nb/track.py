@@ -323,6 +323,14 @@ class Tracker:
         if was_active or status == "failed":
             self.writer.close(status, detail)
         self.stats["steps"] = self.step
+        if self.writer.error is not None and self.failure is None:
+            # the writer failed after the last step looked at it: say so now
+            self.failure = self.writer.error
+            message = (f"hydra_nb could not write the store {str(self.path)!r}: {self.writer.error!r}. "
+                       "It keeps what was committed before the failure.")
+            if self.strict and status != "interrupted":
+                raise TrackingFailure(message) from self.writer.error
+            warnings.warn(message, TrackingStoppedWarning, stacklevel=3)
 
 
 def _torch_dtype(np_dtype) -> torch.dtype:

@@ -1,0 +1,204 @@
+"""Shared helpers for the hydra_nb benchmarks: seeding, timing, machine info, JSON output, tables.
+
+Run the benchmarks from the repository root, e.g. ``python benchmarks/overhead.py --quick``.
+Results go to ``benchmarks/out/<name>.json`` (git-ignored).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import random
+import statistics
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+
+OUT_DIR = Path(__file__).resolve().parent / "out"
+
+
+# -- seeding ---------------------------------------------------------------------------------
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (CPU and, if present, CUDA)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+
+
+def generator(seed: int) -> torch.Generator:
+    """A fresh CPU generator: give one to each DataLoader so every run sees the same batch order."""
+    return torch.Generator().manual_seed(seed)
+
+
+# -- timing ----------------------------------------------------------------------------------
+def sync(device) -> None:
+    """Wait for queued device work (no-op on CPU), so that clock readings include it."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Timer:
+    """``with Timer(device) as t: ...``; then ``t.seconds``. Synchronizes the device at both ends."""
+
+    def __init__(self, device="cpu"):
+        self.device = device
+        self.seconds = math.nan
+
+    def __enter__(self) -> "Timer":
+        sync(self.device)
+        self._start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        sync(self.device)
+        self.seconds = time.perf_counter() - self._start
+        return False
+
+
+@contextmanager
+def wall_clock(label: str):
+    """Print the wall time of a whole script section."""
+    start = time.perf_counter()
+    yield
+    print(f"[{label}] wall time {time.perf_counter() - start:.1f} s", flush=True)
+
+
+def mean_std(values) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value); NaNs ignored."""
+    vals = [float(v) for v in values if v is not None and not math.isnan(float(v))]
+    if not vals:
+        return math.nan, math.nan
+    return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
+
+
+def median(values) -> float:
+    return float(statistics.median(values)) if values else math.nan
+
+
+# -- files -----------------------------------------------------------------------------------
+def dir_size(path) -> int:
+    """Bytes of all files under ``path``."""
+    total = 0
+    for root, _, files in os.walk(path):
+        for f in files:
+            try:
+                total += os.path.getsize(os.path.join(root, f))
+            except OSError:
+                pass
+    return total
+
+
+def _jsonable(obj):
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (np.floating, float)):
+        v = float(obj)
+        return None if math.isnan(v) or math.isinf(v) else v
+    if isinstance(obj, np.ndarray):
+        return _jsonable(obj.tolist())
+    if isinstance(obj, (torch.device, torch.dtype, Path)):
+        return str(obj)
+    return obj
+
+
+def write_json(name: str, payload: dict) -> Path:
+    """Write ``payload`` to ``benchmarks/out/<name>.json`` (NaN/inf become null); returns the path."""
+    OUT_DIR.mkdir(parents=True, exist_ok=True)
+    path = OUT_DIR / f"{name}.json"
+    path.write_text(json.dumps(_jsonable(payload), indent=2) + "\n")
+    print(f"wrote {path}")
+    return path
+
+
+# -- machine ---------------------------------------------------------------------------------
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info(device="cpu") -> dict:
+    """What the numbers were measured on."""
+    device = torch.device(device)
+    info = {
+        "cpu_model": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "torch_threads": torch.get_num_threads(),
+        "torch_version": torch.__version__,
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "device": str(device),
+    }
+    try:
+        import hydra_nb
+
+        info["hydra_nb_version"] = hydra_nb.__version__
+    except Exception:  # pragma: no cover
+        pass
+    if device.type == "cuda" and torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(device)
+        info["cuda_version"] = torch.version.cuda
+    return info
+
+
+# -- output ----------------------------------------------------------------------------------
+def _fmt(v, digits: int) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, (bool, np.bool_)):
+        return str(v)
+    if isinstance(v, (int, np.integer)):
+        return f"{int(v):,}"
+    if isinstance(v, (float, np.floating)):
+        if math.isnan(v):
+            return "nan"
+        if v != 0 and (abs(v) >= 1e6 or abs(v) < 10 ** -digits):
+            return f"{v:.{digits}g}"
+        return f"{v:.{digits}f}"
+    return str(v)
+
+
+def markdown_table(rows: list[dict], columns: list[str] | None = None, digits: int = 4) -> str:
+    """A GitHub markdown table of ``rows`` (dicts); ``columns`` picks and orders the keys."""
+    if not rows:
+        return "(no rows)"
+    columns = columns or list(rows[0])
+    cells = [[_fmt(r.get(c), digits) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    line = lambda vals: "| " + " | ".join(v.ljust(w) for v, w in zip(vals, widths)) + " |"  # noqa: E731
+    out = [line(columns), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+    out += [line(r) for r in cells]
+    return "\n".join(out)
+
+
+def print_table(rows: list[dict], columns: list[str] | None = None, digits: int = 4, title: str | None = None) -> None:
+    if title:
+        print(f"\n### {title}\n")
+    print(markdown_table(rows, columns, digits), flush=True)
+
+
+def fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} GiB"

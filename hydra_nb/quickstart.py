@@ -1,0 +1,117 @@
+"""The quickstart: train a small CNN on scikit-learn's digits under ``hydra_nb.track``.
+
+    python -m hydra_nb.quickstart [--out runs/quickstart] [--epochs 8]
+
+Prints, for a few test digits (misclassified ones first), the 5 training samples
+that helped most (lowered the test digit's loss) and the 5 that hurt most, and
+saves a figure of them next to the store.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+import hydra_nb
+from hydra_nb.examples import SmallCNN, load_digits
+
+
+def train(out: Path, epochs: int, projection_dim: int, seed: int):
+    torch.manual_seed(seed)
+    x_tr, y_tr, x_te, y_te = load_digits(image_size=8, seed=seed)
+    loader = DataLoader(TensorDataset(x_tr, y_tr), batch_size=32, shuffle=True,
+                        generator=torch.Generator().manual_seed(seed))
+    model = SmallCNN()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * len(loader))
+    start = time.perf_counter()
+    with hydra_nb.track(model, loader, store=out / "digits.zarr", optimizer=opt, mode="fast",
+                        projection_dim=projection_dim, overwrite=True) as run:
+        for epoch in range(epochs):
+            model.train()
+            for x, y in loader:  # the user's own loop, unchanged
+                opt.zero_grad()
+                F.cross_entropy(model(x), y).backward()
+                opt.step()
+                sched.step()
+            model.eval()
+            with torch.no_grad():
+                acc = (model(x_te).argmax(1) == y_te).float().mean().item()
+            print(f"epoch {epoch + 1}/{epochs}: test accuracy {acc:.3f}")
+    seconds = time.perf_counter() - start
+    print(f"trained and tracked {run.stats['steps']} steps in {seconds:.1f} s "
+          f"({run.stats['tracking_seconds']:.1f} s in hydra_nb hooks)")
+    return model, (x_tr, y_tr, x_te, y_te)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("runs/quickstart"), help="folder for the store and figure")
+    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--dim", type=int, default=1024, help="projection dimension")
+    parser.add_argument("--n-test", type=int, default=3, help="how many test digits to explain")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    model, (x_tr, y_tr, x_te, y_te) = train(args.out, args.epochs, args.dim, args.seed)
+    store = hydra_nb.open_store(args.out / "digits.zarr")
+    print(store)
+
+    model.eval()
+    with torch.no_grad():
+        pred = model(x_te).argmax(1)
+    wrong = torch.nonzero(pred != y_te).flatten().tolist()
+    right = torch.nonzero(pred == y_te).flatten().tolist()
+    chosen = (wrong + right)[: args.n_test]
+    scores = store.contributions(model, x_te[chosen], y_te[chosen])  # (n_test, n_train)
+
+    rows = []
+    for j, t in enumerate(chosen):
+        order = np.argsort(scores[j])
+        helpful, harmful = order[::-1][:5], order[:5]
+        print(f"\ntest digit #{t}: label {int(y_te[t])}, predicted {int(pred[t])}")
+        print(f"  {'most helpful':>28} | {'most harmful':>28}")
+        print(f"  {'train idx':>9} {'label':>5} {'score':>12} | {'train idx':>9} {'label':>5} {'score':>12}")
+        for a, b in zip(helpful, harmful):
+            print(f"  {a:>9d} {int(y_tr[a]):>5d} {scores[j, a]:>+12.3e} | {b:>9d} {int(y_tr[b]):>5d} {scores[j, b]:>+12.3e}")
+        rows.append((t, helpful, harmful))
+
+    figure = args.out / "quickstart.png"
+    _figure(rows, scores, x_tr, y_tr, x_te, y_te, pred, figure)
+    print(f"\nfigure: {figure}")
+    return 0
+
+
+def _figure(rows, scores, x_tr, y_tr, x_te, y_te, pred, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(rows), 11, figsize=(13, 1.6 * len(rows) + 0.6), squeeze=False)
+    for r, (t, helpful, harmful) in enumerate(rows):
+        ax = axes[r, 0]
+        ax.imshow(x_te[t, 0], cmap="gray_r")
+        ax.set_title(f"test #{t}\ny={int(y_te[t])} ŷ={int(pred[t])}", fontsize=8, color="tab:red" if pred[t] != y_te[t] else "k")
+        for k, (idx, kind) in enumerate([(i, "helpful") for i in helpful] + [(i, "harmful") for i in harmful]):
+            ax = axes[r, k + 1]
+            ax.imshow(x_tr[idx, 0], cmap="Greens" if kind == "helpful" else "Reds")
+            ax.set_title(f"#{idx} y={int(y_tr[idx])}\n{scores[r, idx]:+.1e}", fontsize=7)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle("HYDRA contributions: 5 most helpful (green) and 5 most harmful (red) training digits", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,447 @@
+"""Bad input fails early and clearly; a tracking failure never kills training or a store."""
+
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, IterableDataset, TensorDataset
+
+import hydra_nb
+from hydra_nb import StoreError, TrackingConfigError, TrackingFailure, TrackingStoppedWarning
+
+N, D_IN, C = 30, 5, 3
+
+
+def data(n=N):
+    g = torch.Generator().manual_seed(0)
+    return TensorDataset(torch.randn(n, D_IN, generator=g), torch.randint(0, C, (n,), generator=g))
+
+
+def mlp():
+    return nn.Sequential(nn.Linear(D_IN, 6), nn.Tanh(), nn.Linear(6, C))
+
+
+def loader_of(ds=None, **kw):
+    kw.setdefault("batch_size", 8)
+    return DataLoader(ds or data(), **kw)
+
+
+def train(model, loader, opt, epochs=1, on_step=None):
+    step = 0
+    for _ in range(epochs):
+        for x, y in loader:
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            if on_step:
+                on_step(step)
+            opt.step()
+            step += 1
+    return step
+
+
+def snapshot(model):
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def unchanged(model, snap):
+    return all(torch.equal(a, b) for a, b in zip(model.parameters(), snap))
+
+
+# -- refused before training starts --------------------------------------------------------
+
+def test_unsupported_optimizer(tmp_path):
+    model = mlp()
+    with pytest.raises(TrackingConfigError, match="torch.optim.SGD"):
+        hydra_nb.track(model, loader_of(), store=tmp_path / "a.zarr", optimizer=torch.optim.Adam(model.parameters()))
+    assert not (tmp_path / "a.zarr").exists()
+
+
+def test_maximize_refused(tmp_path):
+    model = mlp()
+    with pytest.raises(TrackingConfigError, match="maximize"):
+        hydra_nb.track(model, loader_of(), store=tmp_path / "a.zarr",
+                       optimizer=torch.optim.SGD(model.parameters(), lr=0.1, maximize=True))
+
+
+def test_batchnorm_in_training_mode(tmp_path):
+    model = nn.Sequential(nn.Linear(D_IN, 6), nn.BatchNorm1d(6), nn.Linear(6, C))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(TrackingConfigError, match="BatchNorm.*eval mode"):
+        hydra_nb.track(model, loader_of(), store=tmp_path / "a.zarr", optimizer=opt)
+
+
+def test_batchnorm_switched_to_training_inside_loop_raises_before_first_update(tmp_path):
+    model = nn.Sequential(nn.Linear(D_IN, 6), nn.BatchNorm1d(6), nn.Linear(6, C))
+    model.eval()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    snap = snapshot(model)
+    loader = loader_of()
+    with pytest.raises(TrackingConfigError, match="BatchNorm"):
+        with hydra_nb.track(model, loader, store=tmp_path / "a.zarr", optimizer=opt):
+            model.train()
+            train(model, loader, opt)
+    assert unchanged(model, snap)
+
+
+def test_batchnorm_in_eval_mode_is_tracked(tmp_path):
+    model = nn.Sequential(nn.Linear(D_IN, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Linear(6, C))
+    with torch.no_grad():
+        model[1].running_mean.uniform_(-1, 1)
+        model[1].running_var.uniform_(0.5, 2)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm1d):
+            m.eval()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    loader = loader_of()
+    with hydra_nb.track(model, loader, store=tmp_path / "a.zarr", optimizer=opt, projection_dim=None, strict=True):
+        train(model, loader, opt, epochs=2)
+    store = hydra_nb.open_store(tmp_path / "a.zarr")
+    assert store.status == "complete" and store.steps == 8
+    # the stored BatchNorm statistics are used by queries, not the model's current ones
+    x, y = data()[:4]
+    before = store.contributions(model, x, y)
+    with torch.no_grad():
+        model[1].running_mean.zero_()
+    assert np.allclose(store.contributions(model, x, y), before)
+
+
+def test_iterable_dataset(tmp_path):
+    class Stream(IterableDataset):
+        def __iter__(self):
+            yield from zip(torch.randn(10, D_IN), torch.zeros(10, dtype=torch.long))
+
+    model = mlp()
+    with pytest.raises(TrackingConfigError, match="IterableDataset"):
+        hydra_nb.track(model, DataLoader(Stream(), batch_size=4), store=tmp_path / "a.zarr",
+                       optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+
+
+def test_not_a_dataloader(tmp_path):
+    model = mlp()
+    with pytest.raises(TrackingConfigError, match="DataLoader"):
+        hydra_nb.track(model, [data()[:8]], store=tmp_path / "a.zarr",
+                       optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+
+
+def test_loop_iterates_another_loader(tmp_path):
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    tracked, other = loader_of(), loader_of()
+    snap = snapshot(model)
+    with pytest.raises(TrackingConfigError, match="DataLoader that your loop iterates"):
+        with hydra_nb.track(model, tracked, store=tmp_path / "a.zarr", optimizer=opt):
+            train(model, other, opt)
+    assert unchanged(model, snap)
+
+
+def test_loop_batches_do_not_match_loader(tmp_path):
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    tracked = loader_of(batch_size=8)
+    other = loader_of(batch_size=5)
+    snap = snapshot(model)
+    with pytest.raises(TrackingConfigError, match="batch of 5 samples"):
+        with hydra_nb.track(model, tracked, store=tmp_path / "a.zarr", optimizer=opt):
+            for (_, _), (x, y) in zip(tracked, other):
+                opt.zero_grad()
+                F.cross_entropy(model(x), y).backward()
+                opt.step()
+    assert unchanged(model, snap)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"mode": "approximate"}, "mode must be"),
+    ({"projection_dim": 0}, "projection_dim"),
+    ({"projection_dim": 2.5}, "projection_dim"),
+    ({"checkpoint_every": 0}, "checkpoint_every"),
+    ({"checkpoint_every": "batch"}, "checkpoint_every"),
+    ({"exact_indices": [1, 2]}, "exact_indices applies to mode='exact'"),
+    ({"mode": "exact", "exact_indices": [0, N]}, r"exact_indices must lie in \[0, 30\)"),
+    ({"mode": "exact", "exact_indices": [1, 1]}, "duplicates"),
+    ({"store_dtype": "bfloat16"}, "store_dtype"),
+    ({"loss_fn": "cross_entropy"}, "loss_fn must be a callable"),
+])
+def test_bad_options(tmp_path, kwargs, match):
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(TrackingConfigError, match=match):
+        hydra_nb.track(model, loader_of(), store=tmp_path / "a.zarr", optimizer=opt, **kwargs)
+
+
+def test_optimizer_of_another_model(tmp_path):
+    model = mlp()
+    opt = torch.optim.SGD(mlp().parameters(), lr=0.1)
+    with pytest.raises(TrackingConfigError, match="not parameters of the model"):
+        hydra_nb.track(model, loader_of(), store=tmp_path / "a.zarr", optimizer=opt)
+
+
+def test_exact_mode_refuses_dropout(tmp_path):
+    model = nn.Sequential(nn.Linear(D_IN, 6), nn.Dropout(0.5), nn.Linear(6, C))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(TrackingConfigError, match="dropout"):
+        hydra_nb.track(model, loader_of(), store=tmp_path / "a.zarr", optimizer=opt, mode="exact")
+
+
+def test_fast_mode_handles_dropout(tmp_path):
+    model = nn.Sequential(nn.Linear(D_IN, 6), nn.ReLU(), nn.Dropout(0.5), nn.Linear(6, C))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    loader = loader_of()
+    with hydra_nb.track(model, loader, store=tmp_path / "a.zarr", optimizer=opt, strict=True):
+        train(model, loader, opt)
+    assert hydra_nb.open_store(tmp_path / "a.zarr").status == "complete"
+
+
+def test_exact_mode_loss_mismatch(tmp_path):
+    model = mlp().double()
+    ds = TensorDataset(data().tensors[0].double(), data().tensors[1])
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    loader = loader_of(ds)
+    snap = snapshot(model)
+    with pytest.raises(TrackingConfigError, match="not a per-sample weighted sum of loss_fn"):
+        with hydra_nb.track(model, loader, store=tmp_path / "a.zarr", optimizer=opt, mode="exact"):
+            for x, y in loader:  # the loop trains on a squared loss, but loss_fn defaults to cross-entropy
+                opt.zero_grad()
+                ((model(x) - F.one_hot(y, C)) ** 2).sum(1).mean().backward()
+                opt.step()
+    assert unchanged(model, snap)
+
+
+def test_exact_mode_loss_fn_must_be_per_sample(tmp_path):
+    model = mlp().double()
+    ds = TensorDataset(data().tensors[0].double(), data().tensors[1])
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    loader = loader_of(ds)
+    with pytest.raises(TrackingConfigError, match="one loss per sample"):
+        with hydra_nb.track(model, loader, store=tmp_path / "a.zarr", optimizer=opt, mode="exact",
+                            loss_fn=F.cross_entropy):
+            train(model, loader, opt)
+
+
+def test_step_with_closure_refused(tmp_path):
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    loader = loader_of()
+    with pytest.raises(TrackingConfigError, match="closure"):
+        with hydra_nb.track(model, loader, store=tmp_path / "a.zarr", optimizer=opt):
+            for x, y in loader:
+                def closure():
+                    opt.zero_grad()
+                    loss = F.cross_entropy(model(x), y)
+                    loss.backward()
+                    return loss
+                opt.step(closure)
+
+
+# -- store paths ------------------------------------------------------------------------
+
+def _run(tmp_path, name="a.zarr", **kw):
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    loader = loader_of()
+    with hydra_nb.track(model, loader, store=tmp_path / name, optimizer=opt, **kw):
+        train(model, loader, opt)
+    return model
+
+
+def test_existing_run_needs_overwrite(tmp_path):
+    _run(tmp_path)
+    first = hydra_nb.open_store(tmp_path / "a.zarr").meta["run_id"]
+    with pytest.raises(TrackingConfigError, match="overwrite=True"):
+        _run(tmp_path)
+    assert hydra_nb.open_store(tmp_path / "a.zarr").meta["run_id"] == first  # untouched
+    _run(tmp_path, overwrite=True)
+    assert hydra_nb.open_store(tmp_path / "a.zarr").meta["run_id"] != first
+
+
+def test_foreign_folder_is_never_overwritten(tmp_path):
+    folder = tmp_path / "a.zarr"
+    folder.mkdir()
+    (folder / "thesis.tex").write_text("precious")
+    with pytest.raises(TrackingConfigError, match="not a hydra_nb store"):
+        _run(tmp_path, overwrite=True)
+    assert (folder / "thesis.tex").read_text() == "precious"
+
+
+def test_store_path_is_a_file(tmp_path):
+    (tmp_path / "a.zarr").write_text("x")
+    with pytest.raises(TrackingConfigError, match="is a file"):
+        _run(tmp_path)
+
+
+def test_open_store_errors(tmp_path):
+    with pytest.raises(StoreError, match="does not exist"):
+        hydra_nb.open_store(tmp_path / "missing.zarr")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(StoreError, match="not a hydra_nb store"):
+        hydra_nb.open_store(tmp_path / "empty")
+    _run(tmp_path)
+    meta_file = tmp_path / "a.zarr" / "zarr.json"
+    meta = json.loads(meta_file.read_text())
+    meta["attributes"]["hydra_nb"]["schema_version"] = 99
+    meta_file.write_text(json.dumps(meta))
+    with pytest.raises(StoreError, match="schema version 99.*Upgrade hydra_nb"):
+        hydra_nb.open_store(tmp_path / "a.zarr")
+
+
+def test_store_holds_only_json_and_arrays(tmp_path):
+    _run(tmp_path)
+    files = [p for p in (tmp_path / "a.zarr").rglob("*") if p.is_file()]
+    assert files
+    for p in files:
+        if p.name == "zarr.json":
+            json.loads(p.read_text())  # metadata is plain JSON
+        else:  # everything else is a zarr chunk: <array>/c/<i>/<j>
+            assert "c" in p.relative_to(tmp_path / "a.zarr").parts[:-1], p
+        assert not p.read_bytes().startswith(b"\x80")  # no pickle stream anywhere
+
+
+def test_query_with_wrong_architecture(tmp_path):
+    _run(tmp_path)
+    store = hydra_nb.open_store(tmp_path / "a.zarr")
+    x, y = data()[:2]
+    with pytest.raises(ValueError, match="does not match the store"):
+        store.contributions(nn.Sequential(nn.Linear(D_IN, 7), nn.Tanh(), nn.Linear(7, C)), x, y)
+
+
+def test_custom_loss_must_be_given_to_queries(tmp_path):
+    def half_ce(out, y):
+        return 0.5 * F.cross_entropy(out, y, reduction="none")
+
+    model = _run(tmp_path, loss_fn=half_ce)
+    x, y = data()[:2]
+    with pytest.raises(ValueError, match="custom loss_fn"):
+        hydra_nb.open_store(tmp_path / "a.zarr").contributions(model, x, y)
+    a = hydra_nb.open_store(tmp_path / "a.zarr", loss_fn=half_ce).contributions(model, x, y)
+    b = hydra_nb.open_store(tmp_path / "a.zarr", loss_fn=lambda o, t: F.cross_entropy(o, t, reduction="none")
+                            ).contributions(model, x, y)
+    assert np.allclose(2 * a, b, rtol=1e-5, atol=1e-9)
+
+
+# -- failures in the middle of training ---------------------------------------------------
+
+def _train_with_clipping_from(model, loader, opt, start, epochs=2):
+    step = 0
+    for _ in range(epochs):
+        for x, y in loader:
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            if step >= start:  # gradient clipping changes .grad after the backward: not trackable
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1e-3)
+            opt.step()
+            step += 1
+    return step
+
+
+def test_late_failure_warns_and_training_goes_on(tmp_path):
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    loader = loader_of()
+    with pytest.warns(TrackingStoppedWarning, match="stopped tracking at step 5.*do not add up"):
+        with hydra_nb.track(model, loader, store=tmp_path / "a.zarr", optimizer=opt, checkpoint_every=2):
+            steps = _train_with_clipping_from(model, loader, opt, start=5)
+    assert steps == 8
+    store = hydra_nb.open_store(tmp_path / "a.zarr")
+    assert store.steps == 5 and store.status.startswith("stopped at step 5")
+    assert list(store.checkpoint_steps) == [0, 2, 4, 5]
+    x, y = data()[:3]
+    assert np.isfinite(store.contributions(model, x, y)).all()
+    # the stored final parameters are those at step 5, not the model's current ones
+    assert not np.allclose(store.params_at(-1), torch.cat([p.detach().flatten() for p in model.parameters()]).numpy())
+
+
+def test_late_failure_strict_raises(tmp_path):
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    loader = loader_of()
+    with pytest.raises(TrackingFailure, match="step 3"):
+        with hydra_nb.track(model, loader, store=tmp_path / "a.zarr", optimizer=opt, strict=True):
+            _train_with_clipping_from(model, loader, opt, start=3)
+    store = hydra_nb.open_store(tmp_path / "a.zarr")
+    assert store.steps == 3
+
+
+def test_disk_failure_keeps_committed_prefix(tmp_path, monkeypatch):
+    import zarr
+
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    loader = loader_of()
+    calls = {"n": 0}
+    original = zarr.Array.append
+
+    def failing_append(self, data, axis=0):
+        if self.path == "checkpoints/params":
+            calls["n"] += 1
+            if calls["n"] == 3:  # the third checkpoint: disk full
+                raise OSError(28, "No space left on device")
+        return original(self, data, axis=axis)
+
+    monkeypatch.setattr(zarr.Array, "append", failing_append)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with hydra_nb.track(model, loader, store=tmp_path / "a.zarr", optimizer=opt, checkpoint_every=2):
+            steps = train(model, loader, opt, epochs=3)
+    assert steps == 12
+    assert any(issubclass(w.category, TrackingStoppedWarning) and "No space left" in str(w.message) for w in caught)
+    monkeypatch.undo()
+    store = hydra_nb.open_store(tmp_path / "a.zarr")
+    assert list(store.checkpoint_steps) == [0, 2]
+    x, y = data()[:3]
+    assert store.contributions(model, x, y).shape == (3, N)
+
+
+@pytest.mark.parametrize("exc", [RuntimeError("boom"), KeyboardInterrupt()])
+def test_exception_in_loop_leaves_consistent_store(tmp_path, exc):
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    loader = loader_of()
+    with pytest.raises(type(exc)):
+        with hydra_nb.track(model, loader, store=tmp_path / "a.zarr", optimizer=opt):
+            for i, (x, y) in enumerate(loader):
+                if i == 3:
+                    raise exc
+                opt.zero_grad()
+                F.cross_entropy(model(x), y).backward()
+                opt.step()
+    store = hydra_nb.open_store(tmp_path / "a.zarr")
+    assert store.steps == 3 and store.status.startswith("interrupted at step 3")
+    x, y = data()[:2]
+    assert store.contributions(model, x, y).shape == (2, N)
+
+
+def test_everything_is_restored_after_tracking(tmp_path):
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    loader = loader_of(shuffle=True)
+    cls, sampler = type(loader), loader.batch_sampler
+    with hydra_nb.track(model, loader, store=tmp_path / "a.zarr", optimizer=opt):
+        assert type(loader) is not cls
+        train(model, loader, opt)
+    assert type(loader) is cls and loader.batch_sampler is sampler
+    assert "zero_grad" not in vars(opt) and "zero_grad" not in vars(model)
+    assert not opt._optimizer_step_pre_hooks and not opt._optimizer_step_post_hooks
+    assert not any(m._forward_hooks for m in model.modules())
+    assert "_hydra_tap" not in vars(loader)
+
+
+def test_validation_forward_inside_loop_is_ignored(tmp_path):
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    loader = loader_of()
+    x_val, _ = data()[:5]
+    with hydra_nb.track(model, loader, store=tmp_path / "a.zarr", optimizer=opt, strict=True):
+        for x, y in loader:
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+            with torch.no_grad():
+                model(x_val)  # 5 samples: would not match the batch if it were captured
+            model.eval()
+            model(x_val)
+            model.train()
+    assert hydra_nb.open_store(tmp_path / "a.zarr").status == "complete"
