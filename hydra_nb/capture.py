@@ -399,25 +399,62 @@ def _linear(module: nn.Linear, a: torch.Tensor, d: torch.Tensor, blocks: dict[st
         yield b, b.project_out(_cast(d.sum(1), b))
 
 
+_UNFOLD_BYTES = 256 << 20
+_FORCE_CONV_ROUTE: str | None = None  # "unfold" or "conv": lets tests exercise both routes
+
+
+def _unfold(module: nn.Module, a: torch.Tensor) -> torch.Tensor | None:
+    """Input patches (B, C_in·k…, L) of a Conv1d/Conv2d with numeric padding, or None if not possible."""
+    if not isinstance(module, (nn.Conv1d, nn.Conv2d)) or isinstance(module.padding, str):
+        return None
+    padding = module.padding
+    if module.padding_mode != "zeros":
+        a = F.pad(a, module._reversed_padding_repeated_twice, mode=module.padding_mode)
+        padding = (0,) * len(module.kernel_size)
+    if isinstance(module, nn.Conv1d):
+        return F.unfold(a.unsqueeze(2), (1, module.kernel_size[0]), dilation=(1, module.dilation[0]),
+                        padding=(0, padding[0]), stride=(1, module.stride[0]))
+    return F.unfold(a, module.kernel_size, dilation=module.dilation, padding=padding, stride=module.stride)
+
+
 def _conv(module: nn.Module, a: torch.Tensor, d: torch.Tensor, blocks: dict[str, Block]):
+    """Per-sample P_out·(Σ_l δ_l patch_lᵀ)·P_inᵀ by the cheaper of two routes.
+
+    unfold route: patches (B, cols, L), then (P_out δ)·patchesᵀ·P_inᵀ — about L·k_out·cols MACs;
+    conv route: a convolution with P_in as kernel gives P_in·patches directly — about L·k_in·cols
+    MACs, and never holds the (B, cols, L) patches (used when those would be too large).
+    """
     B = a.shape[0]
     if "weight" in blocks:
         w = blocks["weight"]
         a = _cast(a, w)
-        kernel_shape = module.weight.shape[1:]
-        if w.inn is None:
-            kernel = torch.eye(w.cols, dtype=a.dtype, device=a.device).reshape(w.cols, *kernel_shape)
-        else:
-            kernel = w.inn.reshape(w.k_in, *kernel_shape)
-        padding = module.padding
-        if module.padding_mode != "zeros":
-            a = F.pad(a, module._reversed_padding_repeated_twice, mode=module.padding_mode)
-            padding = 0
-        patches = _CONV[type(module)](a, kernel, None, module.stride, padding, module.dilation)
-        pa = patches.reshape(B, w.k_in, -1)  # (B, k_in, L) = P_in · patches
         dd = _cast(d, w).reshape(B, w.rows, -1)  # (B, out, L)
         pd = dd if w.out is None else torch.matmul(w.out, dd)  # (B, k_out, L)
-        yield w, torch.bmm(pd, pa.transpose(1, 2)).reshape(B, w.dim)
+        L = dd.shape[2]
+        unfold_cost = L * w.cols * w.k_out + (w.cols * w.k_out * w.k_in if w.inn is not None else 0)
+        conv_cost = L * w.cols * w.k_in + L * w.k_out * w.k_in
+        small = B * w.cols * L * a.element_size() <= _UNFOLD_BYTES
+        use_unfold = small and (w.inn is None or unfold_cost <= conv_cost)
+        if _FORCE_CONV_ROUTE is not None:
+            use_unfold = _FORCE_CONV_ROUTE == "unfold"
+        patches = _unfold(module, a) if use_unfold else None
+        if patches is not None:
+            g = torch.bmm(pd, patches.transpose(1, 2))  # (B, k_out, cols)
+            if w.inn is not None:
+                g = torch.matmul(g, w.inn.T)
+        else:
+            kernel_shape = module.weight.shape[1:]
+            if w.inn is None:
+                kernel = torch.eye(w.cols, dtype=a.dtype, device=a.device).reshape(w.cols, *kernel_shape)
+            else:
+                kernel = w.inn.reshape(w.k_in, *kernel_shape)
+            padding = module.padding
+            if module.padding_mode != "zeros":
+                a = F.pad(a, module._reversed_padding_repeated_twice, mode=module.padding_mode)
+                padding = 0
+            projected = _CONV[type(module)](a, kernel, None, module.stride, padding, module.dilation)
+            g = torch.bmm(pd, projected.reshape(B, w.k_in, -1).transpose(1, 2))  # (B, k_out, k_in)
+        yield w, g.reshape(B, w.dim)
     if "bias" in blocks:
         b = blocks["bias"]
         yield b, b.project_out(_cast(d.reshape(B, d.shape[1], -1).sum(2), b))

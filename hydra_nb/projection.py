@@ -71,13 +71,18 @@ class Block:
 def _allocate(layout: ParamLayout, total: int) -> list[tuple[int, int]]:
     """Split ``total`` projected dimensions over the parameters: (k_out, k_in) per parameter.
 
-    Parameters whose whole size fits in their share are kept unprojected; the
-    rest share what is left in proportion to √numel (a layer's share grows with
-    its size, but a huge layer does not starve the small ones).
+    Tiny parameters, and those whose whole size fits in their share, are kept
+    unprojected; the rest share what is left in proportion to √numel (a layer's
+    share grows with its size, but a huge layer does not starve the small ones).
     """
     slots = layout.slots
-    keep = [False] * len(slots)
-    budget = total
+    # tiny tensors (biases, norms) are never worth projecting: keep them whole
+    small = max(16, total // (8 * max(len(slots), 1)))
+    keep = [s.numel <= small for s in slots]
+    budget = total - sum(s.numel for s, k in zip(slots, keep) if k)
+    if budget <= 0:
+        keep = [False] * len(slots)
+        budget = total
     order = sorted(range(len(slots)), key=lambda i: slots[i].numel)
     changed = True
     while changed:
