@@ -117,6 +117,7 @@ class LoaderTap:
         self.n_samples = len(loader.dataset)
         self.on_epoch_end = on_epoch_end
         self.current: CurrentBatch | None = None
+        self.failure: Exception | None = None  # raised by the tracker at the next step, never into the loop
         self.generation = 0
         self.epochs_started = 0
         self._queues: list = []
@@ -157,16 +158,20 @@ class LoaderTap:
         return it
 
     def _on_batch(self, raw_indices, batch) -> None:
-        indices = torch.as_tensor(list(raw_indices) if not torch.is_tensor(raw_indices) else raw_indices)
-        if indices.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
-            raise TrackingConfigError(
-                "The DataLoader's sampler yields non-integer indices; hydra_nb needs integer dataset indices."
-            )
-        indices = indices.to(torch.int64).reshape(-1)
-        if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= self.n_samples):
-            raise TrackingConfigError(
-                f"The sampler yielded an index outside the dataset (size {self.n_samples})."
-            )
+        try:
+            indices = torch.as_tensor(raw_indices if torch.is_tensor(raw_indices) else list(raw_indices))
+            if indices.is_floating_point() or indices.is_complex() or indices.dtype == torch.bool:
+                raise TrackingConfigError(
+                    "The DataLoader's sampler yields non-integer indices; hydra_nb needs integer dataset indices.")
+            indices = indices.to(torch.int64).reshape(-1)
+            if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= self.n_samples):
+                raise TrackingConfigError(
+                    f"The sampler yielded an index outside the dataset (size {self.n_samples}).")
+        except Exception as exc:
+            self.failure = exc if isinstance(exc, TrackingConfigError) else TrackingConfigError(
+                f"hydra_nb could not read the sampler's indices: {exc!r}")
+            self.current = None
+            return
         self.generation += 1
         self.current = CurrentBatch(self.generation, indices, batch)
 

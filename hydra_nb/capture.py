@@ -55,7 +55,7 @@ class Pass:
     """Everything captured for one batch from the loader, between two optimizer steps."""
 
     generation: int
-    indices: torch.Tensor  # (B,) dataset indices, on the model's device
+    indices: torch.Tensor  # (B,) dataset indices (CPU)
     batch: Any  # the batch as the loader yielded it (targets for exact mode)
     buf: torch.Tensor | None = None  # (B, dim) projected per-sample gradients
     root_calls: list[RootCall] = field(default_factory=list)
@@ -76,6 +76,22 @@ class _FallbackCall:
     out_spec: Any
     cotangents: list
     generation: int
+
+
+def _guarded(method):
+    """Run a hook body; an exception becomes ``self.failure`` instead of reaching the user's forward."""
+
+    def wrapper(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except Exception as exc:
+            if self.failure is None:
+                self.failure = TrackingFailure(f"a hydra_nb hook failed: {exc!r}")
+            return None
+
+    wrapper.__name__ = method.__name__
+    wrapper.__doc__ = method.__doc__
+    return wrapper
 
 
 def _owned_params(model: nn.Module, tracked: dict[int, int]) -> list[tuple[nn.Module, list[tuple[str, int]], str]]:
@@ -161,6 +177,8 @@ class GradientCapture:
         return not self.suspended and self.failure is None and self.model.training and torch.is_grad_enabled()
 
     def _pass_for(self, batch_size: int) -> Pass | None:
+        if self.tap.failure is not None:
+            return None
         current = self.tap.current
         if current is None:
             self.failure = TrackingConfigError(
@@ -182,6 +200,7 @@ class GradientCapture:
             self.passes[current.generation] = p
         return p
 
+    @_guarded
     def _batchnorm_guard(self, module, args):
         if self._capturing() and module.training:
             self.failure = TrackingConfigError(
@@ -195,7 +214,8 @@ class GradientCapture:
         compute = {"linear": _linear, "conv": _conv, "embedding": _embedding, "layernorm": _layernorm}[kind]
         dim = self.projector.dim
 
-        def hook(module, args, output):
+        @_guarded
+        def hook(self, module, args, output):
             if not self._capturing() or not torch.is_tensor(output) or not output.requires_grad:
                 return
             a = args[0].detach()
@@ -213,10 +233,11 @@ class GradientCapture:
 
             output.register_hook(on_grad)
 
-        return hook
+        return lambda module, args, output: hook(self, module, args, output)
 
     def _fallback_hook(self, module: nn.Module, owned: list[tuple[str, int]]):
-        def hook(mod, args, kwargs, output):
+        @_guarded
+        def hook(self, mod, args, kwargs, output):
             if not self._capturing():
                 return
             leaves, spec = tree_flatten((args, kwargs))
@@ -245,8 +266,9 @@ class GradientCapture:
                     o.register_hook(_store_cotangent(call, j))
             self.fallback_calls.append(call)
 
-        return hook
+        return lambda mod, args, kwargs, output: hook(self, mod, args, kwargs, output)
 
+    @_guarded
     def _root_hook(self, module, args, kwargs, output):
         if not self._capturing() or not torch.is_tensor(output) or not output.requires_grad:
             return

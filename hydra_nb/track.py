@@ -238,6 +238,9 @@ class Tracker:
                 raise TrackingFailure(f"writing the store failed: {self.writer.error!r}")
             if len(optimizer.param_groups) != self._n_groups:
                 raise TrackingFailure("the optimizer's parameter groups changed during training.")
+            if self.tap.failure is not None:
+                failure, self.tap.failure = self.tap.failure, None
+                raise failure
             if self.capture.failure is not None:
                 failure, self.capture.failure = self.capture.failure, None
                 raise failure
@@ -283,7 +286,10 @@ class Tracker:
 
     def _on_epoch_end(self) -> None:
         if self.active and self.checkpoint_every == "epoch" and self.step > self._last_checkpoint:
-            self._checkpoint()
+            try:
+                self._checkpoint()
+            except Exception as exc:  # never into the user's loop unless strict
+                self._fail(exc)
 
     def _checkpoint(self) -> None:
         start = time.perf_counter()
