@@ -11,6 +11,15 @@ from .errors import HydraError, StoreError, TrackingConfigError, TrackingFailure
 from .query import Store, open_store  # noqa: E402
 from .track import Tracker, TrackingStoppedWarning, track  # noqa: E402
 
+
+
+def load_ipython_extension(ipython):
+    """``%load_ext hydra_nb``: registers ``%%hydra_track`` and ``%hydra_status``."""
+    from .magic import load_ipython_extension as _load
+
+    _load(ipython)
+
+
 __all__ = [
     "track", "open_store", "Store", "Tracker", "HydraError", "StoreError", "TrackingConfigError",
     "TrackingFailure", "TrackingStoppedWarning", "__version__",

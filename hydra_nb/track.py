@@ -52,7 +52,8 @@ class Tracker:
     def __init__(self, model: nn.Module, loader, store, optimizer, mode: str = "fast",
                  projection_dim: int | None = 1024, exact_indices=None, loss_fn: Callable | None = None,
                  checkpoint_every: str | int = "epoch", *, seed: int = 0, store_dtype: str | None = None,
-                 overwrite: bool = False, strict: bool = False, hvp_batch: int = 32):
+                 overwrite: bool = False, strict: bool = False, hvp_batch: int = 32,
+                 on_step: Callable[["Tracker"], None] | None = None):
         if not isinstance(model, nn.Module):
             raise TrackingConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
         validate_optimizer(optimizer)
@@ -88,6 +89,9 @@ class Tracker:
         default_log = "float64" if compute_dtype == torch.float64 else "float32"
         self.log_dtype = _LOG_DTYPES[store_dtype or default_log]
         self.hvp_batch = hvp_batch
+        if on_step is not None and not callable(on_step):
+            raise TrackingConfigError("on_step must be a callable taking the Tracker.")
+        self.on_step = on_step
 
         if any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training for m in model.modules()):
             raise TrackingConfigError(
@@ -126,7 +130,8 @@ class Tracker:
         self.step = 0
         self.active = False
         self.failure: BaseException | None = None
-        self.stats = {"steps": 0, "rows": 0, "tracking_seconds": 0.0, "started": None}
+        self.stats = {"steps": 0, "rows": 0, "tracking_seconds": 0.0, "started": None, "bytes_written": 0,
+                      "writer_backlog": 0}
         self._last_checkpoint = -1
         self._pending_step = False
         self._consistent = True
@@ -281,8 +286,16 @@ class Tracker:
         self._pending_step = False
         self.step += 1
         self.stats["steps"] = self.step
+        self.stats["bytes_written"] = self.writer.bytes_written
+        self.stats["writer_backlog"] = self.writer.backlog
         if isinstance(self.checkpoint_every, (int, np.integer)) and self.step % self.checkpoint_every == 0:
             self._checkpoint()
+        if self.on_step is not None:
+            try:
+                self.on_step(self)
+            except Exception as exc:  # a broken progress display must not stop training
+                warnings.warn(f"hydra_nb: on_step callback failed: {exc!r}", RuntimeWarning, stacklevel=2)
+                self.on_step = None
 
     def _on_epoch_end(self) -> None:
         if self.active and self.checkpoint_every == "epoch" and self.step > self._last_checkpoint:
@@ -329,6 +342,7 @@ class Tracker:
         if was_active or status == "failed":
             self.writer.close(status, detail)
         self.stats["steps"] = self.step
+        self.stats["bytes_written"] = self.writer.bytes_written
         if self.writer.error is not None and self.failure is None:
             # the writer failed after the last step looked at it: say so now
             self.failure = self.writer.error
@@ -371,6 +385,8 @@ def track(model: nn.Module, loader, store, optimizer, mode: str = "fast", projec
         seed: projection seed. store_dtype: ``"float16"``, ``"float32"`` or ``"float64"`` for the
             per-sample rows (default: float32, float64 for float64 models). overwrite: replace an
             existing run at ``store``. strict: raise instead of warning if tracking fails mid-training.
+            on_step: called with the Tracker after every tracked optimizer step (progress displays);
+            ``tracker.stats`` holds steps, rows, tracking_seconds, bytes_written, writer_backlog.
     """
     return Tracker(model, loader, store, optimizer, mode, projection_dim, exact_indices, loss_fn, checkpoint_every,
                    **options)
