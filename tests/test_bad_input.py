@@ -445,3 +445,59 @@ def test_validation_forward_inside_loop_is_ignored(tmp_path):
             model(x_val)
             model.train()
     assert hydra_nb.open_store(tmp_path / "a.zarr").status == "complete"
+
+
+def test_sampler_with_bad_indices_late_does_not_kill_training(tmp_path):
+    class Sampler(torch.utils.data.Sampler):
+        def __init__(self):
+            self.calls = 0
+
+        def __iter__(self):
+            self.calls += 1
+            batches = [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]]
+            if self.calls == 2:  # second epoch: the sampler goes wrong (an index past the dataset)
+                batches[1] = [4, 5, 6, 99]
+            for b in batches:
+                yield b
+
+        def __len__(self):
+            return 3
+
+    class Lenient(torch.utils.data.Dataset):  # serves any index, like a dataset with a wrong __len__
+        def __len__(self):
+            return N
+
+        def __getitem__(self, i):
+            return data().tensors[0][i % N], data().tensors[1][i % N]
+
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    loader = DataLoader(Lenient(), batch_sampler=Sampler())
+    with pytest.warns(TrackingStoppedWarning, match="outside the dataset"):
+        with hydra_nb.track(model, loader, store=tmp_path / "a.zarr", optimizer=opt):
+            steps = train(model, loader, opt, epochs=2)
+    assert steps == 6
+    assert hydra_nb.open_store(tmp_path / "a.zarr").steps == 4
+
+
+def test_unexpected_hook_error_does_not_reach_the_forward(tmp_path, monkeypatch):
+    from hydra_nb import capture
+
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    loader = loader_of()
+    calls = {"n": 0}
+    real = capture.GradientCapture._pass_for
+
+    def flaky(self, batch_size):
+        calls["n"] += 1
+        if calls["n"] == 9:  # during the 5th forward: an internal error
+            raise RuntimeError("internal")
+        return real(self, batch_size)
+
+    monkeypatch.setattr(capture.GradientCapture, "_pass_for", flaky)
+    with pytest.warns(TrackingStoppedWarning, match="internal"):
+        with hydra_nb.track(model, loader, store=tmp_path / "a.zarr", optimizer=opt):
+            steps = train(model, loader, opt, epochs=2)
+    assert steps == 8
+    assert hydra_nb.open_store(tmp_path / "a.zarr").steps == 4
