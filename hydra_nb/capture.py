@@ -339,17 +339,16 @@ class GradientCapture:
         if no suffix matches.
         """
         blocks = self.projector.blocks
-        if all(p.grad is None for p in self.params):
+        active = [(p, b) for p, b in zip(self.params, blocks) if p.grad is not None]
+        if not active:
             return [], 0.0
-        ref = torch.cat([
-            torch.zeros(b.dim, dtype=b.dtype, device=p.device) if p.grad is None
-            else b.project_matrix(p.grad.detach().to(b.dtype).reshape(b.rows, b.cols))
-            for p, b in zip(self.params, blocks)
-        ])
+        # parameters whose .grad is None are skipped by SGD: what was captured for them never enters a step
+        ref = torch.cat([b.project_matrix(p.grad.detach().to(b.dtype).reshape(b.rows, b.cols)) for p, b in active])
         scale = float(ref.norm()) + 1e-30
         best = math.inf
         for start in range(len(passes)):
             total = sum(p.buf.sum(0) for p in passes[start:])
+            total = torch.cat([total[b.offset : b.stop] for _, b in active])
             err = float((total.to(ref.dtype) - ref).norm()) / scale
             best = min(best, err)
             if err <= rtol:

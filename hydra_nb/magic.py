@@ -1,0 +1,464 @@
+"""``%%hydra_track``: track the training loop of one notebook cell, unchanged.
+
+::
+
+    %load_ext hydra_nb
+
+    %%hydra_track --store runs/digits.zarr --dim 1024
+    for epoch in range(5):
+        for x, y in train_loader:
+            ...
+
+Contract:
+
+- The cell body runs exactly as it would without the magic: it is compiled with the shell's
+  compiler and executed in the user's namespace (as ``%%time`` does), inside
+  ``with hydra_nb.track(...)``. Its variables land in the namespace; a trailing expression is
+  displayed as a cell's would be.
+- Its errors are the cell's errors: they propagate with the user's line in the traceback, the cell
+  fails (``nbclient``/"run all" stop), and the engine leaves the store consistent. A
+  ``KeyboardInterrupt`` stops training and tracking and says where the store stands.
+- ``model``, ``loader`` and ``optimizer`` come from the namespace: named with ``--model`` /
+  ``--loader`` / ``--optimizer``, or found when exactly one candidate exists.
+- Configuration problems (an ambiguous or missing name, a run already in ``--store``, options the
+  engine refuses) are ``UsageError``s raised before the cell body runs: the cell fails, untouched.
+- When the cell ends (even by an error) the store is opened, its summary printed and bound to
+  ``--as NAME`` (default ``hydra_store``). ``%hydra_status`` prints the current or last store.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import difflib
+import inspect
+import time
+from pathlib import Path
+
+from IPython.core import magic_arguments
+from IPython.core.error import UsageError
+from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
+from torch import nn
+from torch.optim import Optimizer
+from torch.utils.data import DataLoader
+
+from .errors import HydraError, TrackingConfigError
+from .query import open_store
+from .store import read_meta
+from .track import Tracker, track
+
+DEFAULT_NAME = "hydra_store"
+_REFRESH_SECONDS = 0.2
+_TEXT_REFRESH_SECONDS = 2.0
+
+
+# -- option values ------------------------------------------------------------------------------
+
+def _dim(text: str):
+    text = _unquote(text)
+    if text.lower() in ("none", "full"):
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--dim takes a positive int, or 'none'/'full' for the full parameter dimension; got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"--dim must be positive, got {value}")
+    return value
+
+
+def _checkpoint_every(text: str):
+    text = _unquote(text)
+    if text == "epoch":
+        return "epoch"
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--checkpoint-every takes 'epoch' or a positive number of optimizer steps; got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"--checkpoint-every must be positive, got {value}")
+    return value
+
+
+def _unquote(text: str | None) -> str | None:
+    """IPython splits magic lines keeping quotes: ``--store "my runs/a.zarr"`` arrives quoted."""
+    if text is not None and len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
+        return text[1:-1]
+    return text
+
+
+def _identifier(text: str) -> str:
+    text = _unquote(text)
+    if not text.isidentifier():
+        raise argparse.ArgumentTypeError(f"--as takes a Python variable name, got {text!r}")
+    return text
+
+
+# role, class, its usual name, flag, which instances are candidates (the trained model has trainable
+# parameters: a loss module such as nn.CrossEntropyLoss() is no candidate), and how candidates are called
+_ROLES = (
+    ("model", nn.Module, "torch.nn.Module", "--model", lambda m: any(p.requires_grad for p in m.parameters()),
+     "torch.nn.Module with trainable parameters"),
+    ("loader", DataLoader, "torch.utils.data.DataLoader", "--loader", lambda _: True, "torch.utils.data.DataLoader"),
+    ("optimizer", Optimizer, "torch.optim.Optimizer", "--optimizer", lambda _: True, "torch.optim.Optimizer"),
+)
+
+
+@magics_class
+class HydraMagics(Magics):
+    """``%%hydra_track`` (cell) and ``%hydra_status`` (line)."""
+
+    def __init__(self, shell=None):
+        super().__init__(shell)
+        self._tracker: Tracker | None = None   # the run in progress
+        self._last: tuple[Path, object] | None = None   # (path, loss_fn) of the last run
+
+    # -- %%hydra_track ------------------------------------------------------------------------
+    @magic_arguments.magic_arguments()
+    @magic_arguments.argument("--store", required=True, metavar="PATH",
+                              help="Folder of the run's Zarr store, e.g. runs/a.zarr.")
+    @magic_arguments.argument("--model", metavar="NAME", help="The torch.nn.Module being trained.")
+    @magic_arguments.argument("--loader", metavar="NAME", help="The DataLoader the loop iterates.")
+    @magic_arguments.argument("--optimizer", metavar="NAME", help="The optimizer (torch.optim.SGD).")
+    @magic_arguments.argument("--mode", choices=("fast", "exact"), default="fast",
+                              help="fast: all samples, no Hessian terms; exact: with Hessian-vector products.")
+    @magic_arguments.argument("--dim", type=_dim, default=1024, metavar="K",
+                              help="Projection dimension; 'none' or 'full' for the full parameter dimension.")
+    @magic_arguments.argument("--exact-indices", metavar="EXPR",
+                              help="Exact mode: training samples to track, a Python expression such as "
+                                   "\"range(10)\" or a variable name.")
+    @magic_arguments.argument("--checkpoint-every", type=_checkpoint_every, default="epoch", metavar="N",
+                              help="'epoch' or a number of optimizer steps between checkpoints.")
+    @magic_arguments.argument("--loss", metavar="NAME",
+                              help="Per-sample loss (outputs, targets) -> losses; default cross-entropy.")
+    @magic_arguments.argument("--seed", type=int, default=0, help="Projection seed.")
+    @magic_arguments.argument("--store-dtype", choices=("float16", "float32", "float64"),
+                              help="dtype of the stored per-sample rows.")
+    @magic_arguments.argument("--resume", action="store_true", help="Continue the run already in --store.")
+    @magic_arguments.argument("--overwrite", action="store_true", help="Replace the run already in --store.")
+    @magic_arguments.argument("--strict", action="store_true",
+                              help="Raise instead of warning if tracking fails mid-training.")
+    @magic_arguments.argument("--as", dest="as_name", type=_identifier, default=DEFAULT_NAME, metavar="NAME",
+                              help=f"Variable the opened store is bound to (default {DEFAULT_NAME}).")
+    @cell_magic
+    def hydra_track(self, line, cell):
+        """Run the cell's training loop under ``hydra_nb.track``."""
+        __tracebackhide__ = True  # noqa: F841  (IPython hides this frame; the user's lines remain)
+        args = magic_arguments.parse_argstring(self.hydra_track, line)
+        for option in ("store", "model", "loader", "optimizer", "exact_indices", "loss"):
+            setattr(args, option, _unquote(getattr(args, option)))
+        if args.resume and args.overwrite:
+            raise UsageError("--resume and --overwrite exclude each other: pick one.")
+        # compile first: a syntax error must not create or touch a store
+        codes = self._compile(line, cell)
+        found = self._resolve_roles(args)
+        loss_fn = self._lookup(args.loss, "--loss") if args.loss else None
+        if loss_fn is not None and not callable(loss_fn):
+            raise UsageError(f"--loss {args.loss}: {args.loss} is a {type(loss_fn).__name__}, not a callable "
+                             "(outputs, targets) -> per-sample losses.")
+        exact_indices = self._evaluate(args.exact_indices, "--exact-indices") if args.exact_indices else None
+
+        progress = _Progress()
+        kwargs = dict(model=found["model"], loader=found["loader"], store=Path(args.store).expanduser(),
+                      optimizer=found["optimizer"], mode=args.mode, projection_dim=args.dim,
+                      exact_indices=exact_indices, loss_fn=loss_fn, checkpoint_every=args.checkpoint_every,
+                      seed=args.seed, store_dtype=args.store_dtype, overwrite=args.overwrite, strict=args.strict,
+                      on_step=progress.on_step)
+        if args.resume:
+            kwargs["resume"] = True
+        try:
+            tracker = track(**kwargs)
+        except TypeError as exc:
+            if args.resume and "resume" in str(exc):
+                raise UsageError(
+                    "--resume is not available yet: this hydra_nb cannot continue a run (it arrives with the "
+                    "store's resume support). Use --overwrite to start the run again, or another --store.") from None
+            raise
+        except TrackingConfigError as exc:
+            raise UsageError(str(exc)) from None
+
+        entered, outcome = False, None
+        try:
+            with tracker:
+                entered = True
+                self._tracker = tracker
+                self._last = (tracker.path, loss_fn)
+                progress.start(tracker)
+                self._execute(codes)
+        except TrackingConfigError as exc:
+            if not entered:
+                raise UsageError(self._explain_refusal(exc, tracker.path, args)) from None
+            outcome = exc
+            raise
+        except BaseException as exc:
+            outcome = exc
+            raise
+        finally:
+            self._tracker = None
+            progress.close()
+            if entered:
+                self._report(tracker, args, loss_fn, outcome)
+
+    def _compile(self, line: str, cell: str) -> list:
+        """Code objects of the cell body: the statements, then (as a cell would) the displayed expression(s).
+
+        The text cached for tracebacks starts with the magic line, so line numbers are the cell's.
+        """
+        shell = self.shell
+        source = shell.transform_cell(cell)
+        text = f"%%hydra_track {line}".rstrip() + "\n" + source
+        filename = shell.compile.cache(text, shell.execution_count, raw_code=text)
+        tree = shell.compile.ast_parse("\n" + source, filename=filename)
+        tree = shell.transform_ast(tree)
+        if tree is None:
+            return []
+        body = list(tree.body)
+        interactivity = shell.ast_node_interactivity
+        if interactivity == "none" or not body:
+            split = len(body)
+        elif interactivity == "all":
+            split = 0
+        elif interactivity == "last":
+            split = len(body) - 1
+        else:  # "last_expr", "last_expr_or_assign"
+            split = len(body) - 1 if isinstance(body[-1], ast.Expr) else len(body)
+        codes = []
+        if split:
+            codes.append(shell.compile(ast.Module(body[:split], type_ignores=[]), filename, "exec"))
+        for node in body[split:]:
+            mode = "single" if isinstance(node, ast.Expr) else "exec"
+            mod = ast.Interactive([node]) if mode == "single" else ast.Module([node], type_ignores=[])
+            codes.append(shell.compile(mod, filename, mode))
+        return codes
+
+    def _execute(self, codes: list) -> None:
+        __tracebackhide__ = True  # noqa: F841
+        for code in codes:
+            exec(code, self.shell.user_global_ns, self.shell.user_ns)
+
+    # -- names in the user's namespace --------------------------------------------------------
+    def _public_names(self):
+        ns, hidden = self.shell.user_ns, self.shell.user_ns_hidden
+        missing = object()
+        for name, value in list(ns.items()):
+            if name.startswith("_") or value is hidden.get(name, missing):
+                continue
+            yield name, value
+
+    def _resolve_roles(self, args) -> dict:
+        """model, loader and optimizer: the named ones, else the only candidate in the namespace."""
+        found, problems = {}, []
+        for role, cls, type_name, flag, keep, what in _ROLES:
+            name = getattr(args, role)
+            try:
+                if name is not None:
+                    value = self._lookup(name, flag)
+                    if not isinstance(value, cls):
+                        raise UsageError(f"{flag} {name}: {name} is a {type(value).__name__}, not a {type_name}.")
+                    found[role] = value
+                else:
+                    found[role] = self._detect(cls, what, flag, keep)
+            except UsageError as exc:
+                problems.append(str(exc))
+        if problems:
+            raise UsageError("\n".join(problems))
+        return found
+
+    def _detect(self, cls, what: str, flag: str, keep):
+        groups: dict[int, tuple[object, list[str]]] = {}
+        for name, value in self._public_names():
+            if isinstance(value, cls) and keep(value):
+                groups.setdefault(id(value), (value, []))[1].append(name)
+        if len(groups) == 1:
+            return next(iter(groups.values()))[0]
+        if not groups:
+            raise UsageError(f"No {what} in the namespace. Define it in an earlier cell (the magic needs it before "
+                             f"the cell runs), or name it with {flag} NAME.")
+        labels = [names[0] + (f" (also {', '.join(names[1:])})" if len(names) > 1 else "")
+                  for _, names in groups.values()]
+        first = next(iter(groups.values()))[1][0]
+        raise UsageError(f"{len(groups)} candidates for the {what} in the namespace: {', '.join(labels)}. "
+                         f"Pick one with {flag} NAME, e.g. {flag} {first}.")
+
+    def _lookup(self, expr: str, flag: str):
+        """A variable (or a dotted attribute of one, ``trainer.model``) in the user's namespace."""
+        parts = expr.split(".")
+        if not all(p.isidentifier() for p in parts):
+            raise UsageError(f"{flag} takes a variable name, got {expr!r}.")
+        ns = self.shell.user_ns
+        if parts[0] not in ns:
+            close = difflib.get_close_matches(parts[0], [n for n, _ in self._public_names()], n=3)
+            hint = f" Did you mean {' or '.join(close)}?" if close else ""
+            raise UsageError(f"{flag} {expr}: there is no variable named {parts[0]!r} in the namespace.{hint}")
+        value = ns[parts[0]]
+        for i, attr in enumerate(parts[1:], 1):
+            try:
+                value = getattr(value, attr)
+            except AttributeError:
+                raise UsageError(f"{flag} {expr}: {'.'.join(parts[:i])} has no attribute {attr!r}.") from None
+        return value
+
+    def _evaluate(self, expr: str, flag: str):
+        try:
+            return eval(expr, self.shell.user_global_ns, self.shell.user_ns)  # noqa: S307 - the user's own input
+        except Exception as exc:
+            raise UsageError(f"{flag} {expr!r} could not be evaluated in the namespace: "
+                             f"{type(exc).__name__}: {exc}") from None
+
+    # -- messages -----------------------------------------------------------------------------
+    def _explain_refusal(self, exc: TrackingConfigError, path: Path, args) -> str:
+        """Say how to choose when the engine refuses to clobber an earlier run (magic flag spelling)."""
+        meta = read_meta(path) if path.is_dir() else None
+        if meta is None or args.overwrite:
+            return str(exc)
+        resume = "--resume to continue it" + ("" if _resume_supported() else " (not available in this version yet)")
+        return (f"{str(path)!r} already holds a hydra_nb run ({meta.get('mode')} mode, "
+                f"{meta.get('committed', {}).get('steps', 0)} steps, {meta.get('status', 'unknown')}); the cell did "
+                f"not run. Rerun it with --overwrite to replace that run, {resume}, or choose another --store.")
+
+    def _report(self, tracker: Tracker, args, loss_fn, exc: BaseException | None) -> None:
+        """After the cell: print the store's summary and bind it; on an error, say where the store stands."""
+        try:
+            store = open_store(tracker.path, loss_fn=loss_fn)
+        except HydraError as err:
+            print(f"hydra_nb: {err} Nothing was bound to {args.as_name}.")
+            return
+        except Exception as err:  # never replace the cell's own error with one of ours
+            print(f"hydra_nb: could not open the store {str(tracker.path)!r}: {err!r}")
+            return
+        self.shell.user_ns[args.as_name] = store
+        stats = tracker.stats
+        elapsed = time.perf_counter() - stats["started"] if stats["started"] else 0.0
+        if isinstance(exc, KeyboardInterrupt):
+            print(f"hydra_nb: training interrupted at step {tracker.step}. The store is consistent: "
+                  f"{store.status}; it answers queries for training stopped at step {store.steps} "
+                  f"(checkpoints at steps {', '.join(map(str, store.checkpoint_steps))}).")
+        elif exc is not None:
+            print(f"hydra_nb: the cell raised {type(exc).__name__} at step {tracker.step}. The store is consistent: "
+                  f"{store.status}; it answers queries for training stopped at step {store.steps}.")
+        print(repr(store))
+        overhead = f" ({100 * stats['tracking_seconds'] / elapsed:.0f}% of {elapsed:.1f} s)" if elapsed > 0 else ""
+        print(f"Bound to {args.as_name}. Tracking took {stats['tracking_seconds']:.2f} s{overhead}, "
+              f"{_size(stats['bytes_written'])} written.")
+
+    # -- %hydra_status ------------------------------------------------------------------------
+    @line_magic
+    def hydra_status(self, line=""):
+        """Print the summary of the run in progress, or of the last store of this session."""
+        tracker = self._tracker
+        if tracker is not None:
+            print(f"hydra_nb: tracking into {str(tracker.path)!r}: {_describe(tracker)}")
+            return
+        if self._last is None:
+            print("hydra_nb: no store yet in this session. Run a %%hydra_track cell first.")
+            return
+        path, loss_fn = self._last
+        try:
+            print(repr(open_store(path, loss_fn=loss_fn)))
+        except HydraError as err:
+            print(f"hydra_nb: {err}")
+
+
+def _resume_supported() -> bool:
+    return any("resume" in inspect.signature(f).parameters for f in (track, Tracker.__init__))
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
+
+
+def _describe(tracker: Tracker, samples: int | None = None, steps: bool = True) -> str:
+    """Steps, samples/s, tracking overhead so far and bytes written."""
+    stats = tracker.stats
+    elapsed = time.perf_counter() - stats["started"] if stats["started"] else 0.0
+    parts = [f"{stats['steps']} steps"] if steps else []
+    if elapsed > 0:
+        if samples is not None:
+            parts.append(f"{samples / elapsed:,.0f} samples/s")
+        parts.append(f"overhead {100 * stats['tracking_seconds'] / elapsed:.0f}%")
+    parts.append(f"{_size(stats['bytes_written'])} written")
+    return ", ".join(parts)
+
+
+class _Progress:
+    """A progress display fed by the tracker's ``on_step``: tqdm's notebook bar where it can, else text.
+
+    Updates are throttled (at most every 0.2 s) so the display costs the loop nothing noticeable.
+    """
+
+    def __init__(self):
+        self.tracker: Tracker | None = None
+        self.bar = None
+        self.shown = 0
+        self.last = 0.0
+        self.samples = 0
+        self._generation = None
+
+    def start(self, tracker: Tracker) -> None:
+        self.tracker = tracker
+        try:
+            from tqdm.auto import tqdm
+        except ImportError:  # pragma: no cover - tqdm is a dependency; keep a display anyway
+            self.bar = _TextBar(str(tracker.path))
+        else:
+            self.bar = tqdm(desc=f"hydra_track {tracker.path.name}", unit="step", leave=True)
+        self.last = time.perf_counter()
+
+    def on_step(self, tracker: Tracker) -> None:
+        current = tracker.tap.current
+        if current is not None and current.generation != self._generation:
+            self._generation = current.generation
+            self.samples += len(current.indices)
+        now = time.perf_counter()
+        if self.bar is not None and now - self.last >= _REFRESH_SECONDS:
+            self.last = now
+            self._show()
+
+    def _sample_count(self) -> int:
+        # fast mode logs one row per sample of every batch (gradient accumulation included)
+        return self.tracker.stats["rows"] if self.tracker.mode == "fast" else self.samples
+
+    def _show(self) -> None:
+        steps = self.tracker.stats["steps"]
+        self.bar.set_postfix_str(_describe(self.tracker, self._sample_count(), steps=False), refresh=False)
+        self.bar.update(steps - self.shown)
+        self.shown = steps
+
+    def close(self) -> None:
+        if self.bar is None:
+            return
+        try:
+            self._show()
+        finally:
+            self.bar.close()
+            self.bar = None
+
+
+class _TextBar:
+    """The fallback display: one printed line every few seconds, and one at the end."""
+
+    def __init__(self, name: str):
+        self.name, self.n, self.postfix, self.last = name, 0, "", time.perf_counter()
+
+    def set_postfix_str(self, text: str, refresh: bool = True) -> None:
+        self.postfix = text
+
+    def update(self, n: int) -> None:
+        self.n += n
+        now = time.perf_counter()
+        if now - self.last >= _TEXT_REFRESH_SECONDS:
+            self.last = now
+            print(f"hydra_track {self.name}: step {self.n}, {self.postfix}", flush=True)
+
+    def close(self) -> None:
+        print(f"hydra_track {self.name}: {self.n} steps, {self.postfix}", flush=True)
+
+
+def load_ipython_extension(ipython) -> None:
+    """Register ``%%hydra_track`` and ``%hydra_status`` (``%load_ext hydra_nb``)."""
+    ipython.register_magics(HydraMagics)
