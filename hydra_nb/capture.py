@@ -406,22 +406,44 @@ def _cast(x: torch.Tensor, block: Block) -> torch.Tensor:
     return x if x.dtype == block.dtype else x.to(block.dtype)
 
 
+_FULL_BYTES = 256 << 20
+_FORCE_ROUTE: str | None = None  # "full" or "factored": lets tests exercise both routes of a layer
+
+
+def _fft_cost(block: Block) -> float:
+    return 3.0 * block.dim * max(math.log2(block.dim), 1.0)
+
+
+def _prefer_full(B: int, L: int, block: Block, itemsize: int, extra_bytes: int = 0) -> bool:
+    """Form the (B, rows, cols) per-sample gradients (then scatter), or sketch the factors (then FFT)?"""
+    if _FORCE_ROUTE is not None:
+        return _FORCE_ROUTE == "full"
+    if not block.sketch:
+        return True
+    if B * block.rows * block.cols * itemsize + extra_bytes > _FULL_BYTES:
+        return False
+    full = L * block.rows * block.cols + block.rows * block.cols
+    factored = L * (block.rows + block.cols + _fft_cost(block))
+    return full <= factored
+
+
 def _linear(module: nn.Linear, a: torch.Tensor, d: torch.Tensor, blocks: dict[str, Block]):
     B = a.shape[0]
     a = a.reshape(B, -1, a.shape[-1])
     d = d.reshape(B, -1, d.shape[-1])
     if "weight" in blocks:
         w = blocks["weight"]
-        pa = w.project_in(_cast(a, w))
-        pd = w.project_out(_cast(d, w))
-        yield w, torch.bmm(pd.transpose(1, 2), pa).reshape(B, w.dim)
+        a_, d_ = _cast(a, w), _cast(d, w)
+        if _prefer_full(B, a.shape[1], w, a_.element_size()):
+            yield w, w.project_matrix(torch.bmm(d_.transpose(1, 2), a_))  # G_b = Σ_l δ_l a_lᵀ
+        else:
+            yield w, w.project_outer(d_, a_)
     if "bias" in blocks:
         b = blocks["bias"]
-        yield b, b.project_out(_cast(d.sum(1), b))
+        yield b, b.project_matrix(_cast(d.sum(1), b).unsqueeze(-1))
 
 
 _UNFOLD_BYTES = 256 << 20
-_FORCE_CONV_ROUTE: str | None = None  # "unfold" or "conv": lets tests exercise both routes
 
 
 def _unfold(module: nn.Module, a: torch.Tensor) -> torch.Tensor | None:
@@ -439,63 +461,64 @@ def _unfold(module: nn.Module, a: torch.Tensor) -> torch.Tensor | None:
 
 
 def _conv(module: nn.Module, a: torch.Tensor, d: torch.Tensor, blocks: dict[str, Block]):
-    """Per-sample P_out·(Σ_l δ_l patch_lᵀ)·P_inᵀ by the cheaper of two routes.
+    """Per-sample T(Σ_l δ_l patch_lᵀ) by one of two routes computing the same map.
 
-    unfold route: patches (B, cols, L), then (P_out δ)·patchesᵀ·P_inᵀ — about L·k_out·cols MACs;
-    conv route: a convolution with P_in as kernel gives P_in·patches directly — about L·k_in·cols
-    MACs, and never holds the (B, cols, L) patches (used when those would be too large).
+    full: unfold the input to patches (B, cols, L), form G_b = δ_b·patchesᵀ (B, out, cols), sketch it;
+    factored: a convolution whose kernel is the CountSketch CS2 gives CS2(patch_l) without unfolding,
+    then T = Σ_l CS1(δ_l) ⊛ CS2(patch_l) by FFT (used when the patches or G would be too large,
+    or for Conv3d and string padding, which unfold cannot do).
     """
     B = a.shape[0]
     if "weight" in blocks:
         w = blocks["weight"]
         a = _cast(a, w)
         dd = _cast(d, w).reshape(B, w.rows, -1)  # (B, out, L)
-        pd = dd if w.out is None else torch.matmul(w.out, dd)  # (B, k_out, L)
         L = dd.shape[2]
-        unfold_cost = L * w.cols * w.k_out + (w.cols * w.k_out * w.k_in if w.inn is not None else 0)
-        conv_cost = L * w.cols * w.k_in + L * w.k_out * w.k_in
-        small = B * w.cols * L * a.element_size() <= _UNFOLD_BYTES
-        use_unfold = small and (w.inn is None or unfold_cost <= conv_cost)
-        if _FORCE_CONV_ROUTE is not None:
-            use_unfold = _FORCE_CONV_ROUTE == "unfold"
-        patches = _unfold(module, a) if use_unfold else None
+        patch_bytes = B * w.cols * L * a.element_size()
+        full = patch_bytes <= _UNFOLD_BYTES and _prefer_full(B, L, w, a.element_size(), patch_bytes)
+        if _FORCE_ROUTE is not None:
+            full = _FORCE_ROUTE == "full"
+        patches = _unfold(module, a) if full else None
         if patches is not None:
-            g = torch.bmm(pd, patches.transpose(1, 2))  # (B, k_out, cols)
-            if w.inn is not None:
-                g = torch.matmul(g, w.inn.T)
+            yield w, w.project_matrix(torch.bmm(dd, patches.transpose(1, 2)))
         else:
             kernel_shape = module.weight.shape[1:]
-            if w.inn is None:
-                kernel = torch.eye(w.cols, dtype=a.dtype, device=a.device).reshape(w.cols, *kernel_shape)
+            if w.sketch:  # CS2 as a dense (dim, cols) matrix, used as a convolution kernel
+                kernel = torch.zeros(w.dim, w.cols, dtype=a.dtype, device=a.device)
+                kernel[w.h2, torch.arange(w.cols, device=a.device)] = w.s2.to(a.dtype)
             else:
-                kernel = w.inn.reshape(w.k_in, *kernel_shape)
+                kernel = torch.eye(w.cols, dtype=a.dtype, device=a.device)
             padding = module.padding
             if module.padding_mode != "zeros":
                 a = F.pad(a, module._reversed_padding_repeated_twice, mode=module.padding_mode)
                 padding = 0
-            projected = _CONV[type(module)](a, kernel, None, module.stride, padding, module.dilation)
-            g = torch.bmm(pd, projected.reshape(B, w.k_in, -1).transpose(1, 2))  # (B, k_out, k_in)
-        yield w, g.reshape(B, w.dim)
+            cols = _CONV[type(module)](a, kernel.reshape(-1, *kernel_shape), None, module.stride, padding,
+                                       module.dilation).reshape(B, kernel.shape[0], -1)  # (B, dim|cols, L)
+            if w.sketch:
+                yield w, w.combine(w.sketch_rows(dd.transpose(1, 2)), cols.transpose(1, 2))
+            else:
+                yield w, torch.bmm(dd, cols.transpose(1, 2)).reshape(B, w.dim)
     if "bias" in blocks:
         b = blocks["bias"]
-        yield b, b.project_out(_cast(d.reshape(B, d.shape[1], -1).sum(2), b))
+        yield b, b.project_matrix(_cast(d.reshape(B, d.shape[1], -1).sum(2), b).unsqueeze(-1))
 
 
 def _embedding(module: nn.Embedding, idx: torch.Tensor, d: torch.Tensor, blocks: dict[str, Block]):
+    """G_b = Σ_l e_{idx_l} δ_lᵀ; sketched, CS1(e_idx) is a signed one-hot at bucket h1[idx]."""
     w = blocks["weight"]
     B = idx.shape[0]
     idx = idx.reshape(B, -1)
     d = _cast(d, w).reshape(B, idx.shape[1], -1)
     if module.padding_idx is not None:
         d = d * (idx != module.padding_idx).unsqueeze(-1).to(d.dtype)
-    pd = w.project_in(d)  # (B, L, k_in)
-    if w.out is None:
-        g = torch.zeros(B, w.rows, w.k_in, dtype=pd.dtype, device=pd.device)
-        g.scatter_add_(1, idx.unsqueeze(-1).expand(-1, -1, w.k_in), pd)
-    else:
-        po = w.out.T[idx]  # (B, L, k_out): the columns of P_out picked by the indices
-        g = torch.bmm(po.transpose(1, 2), pd)
-    yield w, g.reshape(B, w.dim)
+    if not w.sketch:
+        g = torch.zeros(B, w.rows, w.cols, dtype=d.dtype, device=d.device)
+        g.scatter_add_(1, idx.unsqueeze(-1).expand(-1, -1, w.cols), d)
+        yield w, g.reshape(B, w.dim)
+        return
+    cu = torch.zeros(B, idx.shape[1], w.dim, dtype=d.dtype, device=d.device)
+    cu.scatter_(-1, w.h1[idx].unsqueeze(-1), w.s1[idx].unsqueeze(-1).to(d.dtype))
+    yield w, w.combine(cu, w.sketch_cols(d))
 
 
 def _layernorm(module: nn.LayerNorm, x: torch.Tensor, d: torch.Tensor, blocks: dict[str, Block]):

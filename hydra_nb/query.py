@@ -90,7 +90,8 @@ class Store:
     def projector(self) -> Projector:
         if self._projector is None:
             arrays = {name: arr for name, arr in self.group["projection"].arrays()} if "projection" in self.group else {}
-            self._projector = Projector.from_json(self.layout, self.meta["projection"], arrays)
+            dtype = torch.float64 if self.group["checkpoints/params"].dtype == np.float64 else torch.float32
+            self._projector = Projector.from_json(self.layout, self.meta["projection"], arrays, dtype)
         return self._projector
 
     def __repr__(self) -> str:

@@ -13,7 +13,7 @@ Layout (schema version 1; ``docs/store.md`` describes every array and attribute)
       checkpoints/step (checkpoint,)     completed optimizer steps at each checkpoint
       checkpoints/params (checkpoint, parameter)   flat trainable parameters θ
       checkpoints/buffers (checkpoint, buffer)     flat floating-point buffers (BatchNorm statistics…)
-      projection/block<i>_out, block<i>_in          the projection matrices (absent factors are identity)
+      projection/block<i>_h1, _s1, _h2, _s2        hashes and signs of each sketched block
       exact/indices (sample,), exact/h (checkpoint, sample, parameter)   exact mode only
 
 Everything is a plain array or JSON: opening a store never runs code from it.
@@ -156,8 +156,8 @@ class StoreWriter:
         if buffer_size:
             g.create_array("checkpoints/buffers", shape=(0, buffer_size), chunks=(1, min(buffer_size, 1 << 20)),
                            dtype="float64", dimension_names=["checkpoint", "buffer"])
-        for name, arr in projector_arrays.items():
-            g.create_array(f"projection/{name}", data=arr, dimension_names=["projected", "original"])
+        for name, arr in projector_arrays.items():  # block{i}_h1/s1 run over rows, _h2/s2 over cols
+            g.create_array(f"projection/{name}", data=arr, dimension_names=["row" if name[-1] == "1" else "col"])
         if exact_indices is not None:
             m = len(exact_indices)
             g.create_array("exact/indices", data=np.asarray(exact_indices, dtype=np.int64), dimension_names=["sample"])
