@@ -154,10 +154,26 @@ def machine_info(device="cpu") -> dict:
         info["hydra_nb_version"] = hydra_nb.__version__
     except Exception:  # pragma: no cover
         pass
+    info.update(git_revision())
     if device.type == "cuda" and torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(device)
         info["cuda_version"] = torch.version.cuda
     return info
+
+
+def git_revision() -> dict:
+    """The repository's HEAD commit and whether hydra_nb/ has uncommitted changes (results depend on both)."""
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                              timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "hydra_nb"], cwd=root, capture_output=True,
+                               text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    return {"git_commit": head or None, "hydra_nb_dirty": bool(dirty)}
 
 
 # -- output ----------------------------------------------------------------------------------
@@ -202,3 +218,45 @@ def fmt_bytes(n: float) -> str:
             return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
         n /= 1024
     return f"{n:.1f} GiB"
+
+
+# -- interference ----------------------------------------------------------------------------
+def _proc_stat_ticks() -> tuple[int, int] | None:
+    """(busy, total) jiffies of the whole machine from /proc/stat, or None."""
+    try:
+        with open("/proc/stat") as f:
+            vals = [int(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = vals[3] + (vals[4] if len(vals) > 4 else 0)  # idle + iowait
+    return sum(vals[:8]) - idle, sum(vals[:8])
+
+
+class LoadMeter:
+    """How busy the machine was with *other* processes while a benchmark ran (Linux only).
+
+    ``foreign_cpu_share``: CPU time used by other processes (and steal) divided by the CPU time
+    available (wall × cores). Anything well above 0 means timings are disturbed by other work.
+    """
+
+    def __init__(self):
+        self.start()
+
+    def start(self) -> None:
+        self._stat = _proc_stat_ticks()
+        self._times = os.times()
+        self._wall = time.perf_counter()
+
+    def read(self) -> dict:
+        stat, times, wall = _proc_stat_ticks(), os.times(), time.perf_counter() - self._wall
+        own = (times.user - self._times.user) + (times.system - self._times.system)
+        out = {"wall_s": wall, "own_cpu_s": own, "foreign_cpu_share": None, "machine_busy_share": None}
+        if stat is not None and self._stat is not None:
+            hz = os.sysconf("SC_CLK_TCK")
+            busy = (stat[0] - self._stat[0]) / hz
+            total = (stat[1] - self._stat[1]) / hz
+            if total > 0:
+                out["machine_busy_share"] = busy / total
+                # both counters tick at 1/hz: forgive two ticks of rounding
+                out["foreign_cpu_share"] = max(0.0, busy - own - 2.0 / hz) / total
+        return out

@@ -176,17 +176,20 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--train-seed", type=int, default=0, help="model init seed (the same for every run)")
     ap.add_argument("--data-seed", type=int, default=0, help="batch order seed (the same for every run)")
-    ap.add_argument("--out", default="projection_fidelity", help="JSON name under benchmarks/out/")
+    ap.add_argument("--out", default=None,
+                    help="JSON name under benchmarks/out/ (default projection_fidelity, or projection_fidelity_quick)")
     args = ap.parse_args(argv)
     args.seeds = args.seeds if args.seeds is not None else ([0] if args.quick else [0, 1, 2])
     args.epochs = args.epochs if args.epochs is not None else (1 if args.quick else 4)
     args.n_test = args.n_test if args.n_test is not None else (8 if args.quick else 32)
+    args.out = args.out or ("projection_fidelity_quick" if args.quick else "projection_fidelity")
 
     start = time.perf_counter()
     machine = common.machine_info("cpu")
     print(f"machine: {machine['cpu_model']}, {machine['cpu_count']} cores, torch {machine['torch_version']}, "
           f"{machine['torch_threads']} threads")
     all_runs, all_summary = [], []
+    load = common.LoadMeter()
     tmp = Path(tempfile.mkdtemp(prefix="hydra_fidelity_"))
     try:
         for name in args.models:
@@ -196,6 +199,7 @@ def main(argv=None) -> int:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     wall = time.perf_counter() - start
+    other = load.read()["foreign_cpu_share"]
 
     cols = ["model", "k", "dim", "pearson_all", "spearman_all", "pearson_per_test", "spearman_per_test",
             "rel_error", f"top{TOP}_overlap", "store_MiB", "train_s", "query_s"]
@@ -205,10 +209,12 @@ def main(argv=None) -> int:
                              f"{args.n_test} test points, {seeds_note})")
     sanity = max((r.get("max_param_diff_vs_full", 0.0) for r in all_runs), default=0.0)
     print(f"\nmax |θ_k − θ_full| over runs (same training in every run): {sanity:.3g}")
+    print(f"other processes used {100 * (other or 0):.0f}% of the machine during the run "
+          "(train_s / query_s are wall times and are disturbed by it; the correlations are not)")
     print(f"wall time {wall:.1f} s")
     common.write_json(args.out, {
         "benchmark": "projection_fidelity", "machine": machine,
-        "config": {k: v for k, v in vars(args).items()}, "wall_seconds": wall,
+        "config": {k: v for k, v in vars(args).items()}, "wall_seconds": wall, "foreign_cpu_share": other,
         "summary": all_summary, "runs": all_runs,
     })
     return 0
