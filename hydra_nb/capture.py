@@ -24,6 +24,7 @@ Nothing here raises into the user's backward: a failure is kept in
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -82,12 +83,15 @@ def _guarded(method):
     """Run a hook body; an exception becomes ``self.failure`` instead of reaching the user's forward."""
 
     def wrapper(self, *args, **kwargs):
+        start = time.perf_counter()
         try:
             return method(self, *args, **kwargs)
         except Exception as exc:
             if self.failure is None:
                 self.failure = TrackingFailure(f"a hydra_nb hook failed: {exc!r}")
             return None
+        finally:
+            self.seconds += time.perf_counter() - start
 
     wrapper.__name__ = method.__name__
     wrapper.__doc__ = method.__doc__
@@ -145,6 +149,7 @@ class GradientCapture:
         self.fallback_calls: list[_FallbackCall] = []
         self.failure: BaseException | None = None
         self.suspended = False
+        self.seconds = 0.0  # time spent in hooks (forward and backward)
         self._handles: list = []
         tracked = {id(p): i for i, p in enumerate(params)}
         self.owners = _owned_params(model, tracked)
@@ -224,12 +229,15 @@ class GradientCapture:
                 return
 
             def on_grad(grad):
+                start = time.perf_counter()
                 try:
                     for block, values in compute(module, a, grad.detach(), blocks):
                         p.add(block, values, dim)
                 except Exception as exc:  # never raise into the user's backward
                     self.failure = TrackingFailure(
                         f"capturing per-sample gradients of {type(module).__name__} failed: {exc!r}")
+                finally:
+                    self.seconds += time.perf_counter() - start
 
             output.register_hook(on_grad)
 

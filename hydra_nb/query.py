@@ -305,10 +305,24 @@ def test_gradients(model: nn.Module, layout: ParamLayout, flat_params: np.ndarra
             out = torch.func.functional_call(model, {**params, **fixed}, (x.unsqueeze(0),))
             return loss_fn(out, y.unsqueeze(0)).sum()
 
-        per_sample = torch.func.vmap(torch.func.grad(loss_one), in_dims=(None, 0, 0))
+        vmapped = torch.func.vmap(torch.func.grad(loss_one), in_dims=(None, 0, 0))
+        one = torch.func.grad(loss_one)
+
+        def looped(params, xs, ys):  # for models or losses vmap cannot batch (e.g. F.one_hot)
+            gs = [one(params, x, y) for x, y in zip(xs, ys)]
+            return {name: torch.stack([g[name] for g in gs]) for name in params}
+
+        per_sample = vmapped
         rows = []
         for start in range(0, inputs.shape[0], batch_size):
-            g = per_sample(theta, inputs[start:start + batch_size], targets[start:start + batch_size])
+            xs, ys = inputs[start:start + batch_size], targets[start:start + batch_size]
+            try:
+                g = per_sample(theta, xs, ys)
+            except RuntimeError:
+                if per_sample is looped:
+                    raise
+                per_sample = looped
+                g = per_sample(theta, xs, ys)
             rows.append(layout.flatten([g[s.name] for s in layout.slots], batch_dims=1).detach().cpu())
     finally:
         model.train(was_training)

@@ -133,6 +133,7 @@ class Tracker:
         self.stats = {"steps": 0, "rows": 0, "tracking_seconds": 0.0, "started": None, "bytes_written": 0,
                       "writer_backlog": 0}
         self._last_checkpoint = -1
+        self._own_seconds = 0.0  # in step hooks and checkpoints; hook time is in capture.seconds
         self._pending_step = False
         self._consistent = True
         self._handles: list = []
@@ -225,6 +226,7 @@ class Tracker:
         self._patched.clear()
         self.capture.detach()
         self.tap.detach()
+        self.tap.on_epoch_end = None  # break tracker ↔ tap: the loader (and its workers) can then be freed
 
     def _should_check(self) -> bool:
         return self.params[0].device.type == "cpu" or self.step < 3 or self.step % 100 == 0
@@ -278,7 +280,7 @@ class Tracker:
             self._fail(exc)
         finally:
             self.capture.suspended = False
-            self.stats["tracking_seconds"] += time.perf_counter() - start
+            self._own_seconds += time.perf_counter() - start
 
     def _after_step(self, optimizer, args, kwargs) -> None:
         if not self.active or not self._pending_step:
@@ -286,6 +288,7 @@ class Tracker:
         self._pending_step = False
         self.step += 1
         self.stats["steps"] = self.step
+        self.stats["tracking_seconds"] = self._own_seconds + self.capture.seconds
         self.stats["bytes_written"] = self.writer.bytes_written
         self.stats["writer_backlog"] = self.writer.backlog
         if isinstance(self.checkpoint_every, (int, np.integer)) and self.step % self.checkpoint_every == 0:
@@ -311,7 +314,7 @@ class Tracker:
         h = self.exact.h if self.exact is not None else None
         self.writer.put_checkpoint(self.step, params, buffers, h)
         self._last_checkpoint = self.step
-        self.stats["tracking_seconds"] += time.perf_counter() - start
+        self._own_seconds += time.perf_counter() - start
 
     # -- failures ---------------------------------------------------------------------------
     def _fail(self, exc: Exception) -> None:
@@ -342,6 +345,7 @@ class Tracker:
         if was_active or status == "failed":
             self.writer.close(status, detail)
         self.stats["steps"] = self.step
+        self.stats["tracking_seconds"] = self._own_seconds + self.capture.seconds
         self.stats["bytes_written"] = self.writer.bytes_written
         if self.writer.error is not None and self.failure is None:
             # the writer failed after the last step looked at it: say so now
@@ -386,7 +390,9 @@ def track(model: nn.Module, loader, store, optimizer, mode: str = "fast", projec
             per-sample rows (default: float32, float64 for float64 models). overwrite: replace an
             existing run at ``store``. strict: raise instead of warning if tracking fails mid-training.
             on_step: called with the Tracker after every tracked optimizer step (progress displays);
-            ``tracker.stats`` holds steps, rows, tracking_seconds, bytes_written, writer_backlog.
+            ``tracker.stats`` holds steps, rows, tracking_seconds (time inside hydra_nb's hooks),
+            bytes_written (per-sample data and checkpoints handed to the store, before compression),
+            writer_backlog.
     """
     return Tracker(model, loader, store, optimizer, mode, projection_dim, exact_indices, loss_fn, checkpoint_every,
                    **options)

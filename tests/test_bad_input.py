@@ -501,3 +501,39 @@ def test_unexpected_hook_error_does_not_reach_the_forward(tmp_path, monkeypatch)
             steps = train(model, loader, opt, epochs=2)
     assert steps == 8
     assert hydra_nb.open_store(tmp_path / "a.zarr").steps == 4
+
+
+def test_queries_work_with_a_loss_vmap_cannot_batch(tmp_path):
+    def squared_error(out, y):  # F.one_hot has no vmap rule: queries fall back to a per-sample loop
+        return ((out - F.one_hot(y, C).to(out.dtype)) ** 2).sum(1)
+
+    model = _run(tmp_path, loss_fn=squared_error)
+    x, y = data()[:3]
+    store = hydra_nb.open_store(tmp_path / "a.zarr", loss_fn=squared_error)
+    g = store.test_gradients(model, x, y)
+    for j in range(3):  # equal to plain autograd at the stored parameters
+        m = mlp()
+        torch.nn.utils.vector_to_parameters(torch.from_numpy(store.params_at(-1)), m.parameters())
+        expect = torch.autograd.grad(squared_error(m(x[j:j + 1]), y[j:j + 1]).sum(), list(m.parameters()))
+        assert torch.allclose(g[j], torch.cat([e.flatten() for e in expect]), atol=1e-6)
+    assert np.isfinite(store.contributions(model, x, y)).all()
+
+
+def test_loader_is_freed_after_tracking(tmp_path):
+    import gc
+    import weakref
+
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    loader = loader_of()
+    with hydra_nb.track(model, loader, store=tmp_path / "a.zarr", optimizer=opt) as run:
+        train(model, loader, opt)
+    assert run.step == 4
+    ref = weakref.ref(loader)
+    gc.collect()
+    gc.disable()
+    try:
+        del loader, run
+        assert ref() is None  # freed by reference counting (persistent workers stop at once), not by the GC
+    finally:
+        gc.enable()
