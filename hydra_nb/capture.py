@@ -418,20 +418,23 @@ _FULL_BYTES = 256 << 20
 _FORCE_ROUTE: str | None = None  # "full" or "factored": lets tests exercise both routes of a layer
 
 
-def _fft_cost(block: Block) -> float:
-    return 3.0 * block.dim * max(math.log2(block.dim), 1.0)
+def _prefer_full(B: int, L: int, block: Block, itemsize: int, extra_bytes: int = 0, conv: bool = False) -> bool:
+    """Form the (B, rows, cols) per-sample gradients and scatter them, or sketch the factors and FFT?
 
-
-def _prefer_full(B: int, L: int, block: Block, itemsize: int, extra_bytes: int = 0) -> bool:
-    """Form the (B, rows, cols) per-sample gradients (then scatter), or sketch the factors (then FFT)?"""
+    A cost model in nanoseconds, calibrated on the CPU with LeNet-5 and transformer-sized layers
+    (batched matmul ≈ 0.02 ns/MAC, scatter ≈ 2 ns/element, FFT ≈ 0.4 ns per k·log2 k, a dense
+    convolution ≈ 0.05 ns/MAC): the full route wins for convolutions and long sequences, the
+    factored one for wide linear layers.
+    """
     if _FORCE_ROUTE is not None:
         return _FORCE_ROUTE == "full"
     if not block.sketch:
         return True
-    if B * block.rows * block.cols * itemsize + extra_bytes > _FULL_BYTES:
+    R, C, k = block.rows, block.cols, block.dim
+    if B * R * C * itemsize + extra_bytes > _FULL_BYTES:
         return False
-    full = L * block.rows * block.cols + block.rows * block.cols
-    factored = L * (block.rows + block.cols + _fft_cost(block))
+    full = 0.02 * L * R * C + 2.0 * R * C
+    factored = L * (2.0 * (R + C) + 0.4 * k * max(math.log2(k), 1.0) + (0.05 * C * k if conv else 0.0))
     return full <= factored
 
 
@@ -455,17 +458,34 @@ _UNFOLD_BYTES = 256 << 20
 
 
 def _unfold(module: nn.Module, a: torch.Tensor) -> torch.Tensor | None:
-    """Input patches (B, C_in·k…, L) of a Conv1d/Conv2d with numeric padding, or None if not possible."""
+    """Input patches (B, C_in·k…, L) of a Conv1d/Conv2d with numeric padding, or None if not possible.
+
+    Built as a strided view of the padded input (then one copy): several times faster than
+    ``F.unfold`` on the CPU.
+    """
     if not isinstance(module, (nn.Conv1d, nn.Conv2d)) or isinstance(module.padding, str):
         return None
-    padding = module.padding
+    nd = len(module.kernel_size)
     if module.padding_mode != "zeros":
         a = F.pad(a, module._reversed_padding_repeated_twice, mode=module.padding_mode)
-        padding = (0,) * len(module.kernel_size)
-    if isinstance(module, nn.Conv1d):
-        return F.unfold(a.unsqueeze(2), (1, module.kernel_size[0]), dilation=(1, module.dilation[0]),
-                        padding=(0, padding[0]), stride=(1, module.stride[0]))
-    return F.unfold(a, module.kernel_size, dilation=module.dilation, padding=padding, stride=module.stride)
+    elif any(module.padding):
+        a = F.pad(a, [p for p in reversed(module.padding) for _ in range(2)])
+    a = a.contiguous()
+    B, C = a.shape[:2]
+    sizes, strides = [], []
+    for i in range(nd):
+        extent = module.dilation[i] * (module.kernel_size[i] - 1) + 1
+        sizes.append((a.shape[2 + i] - extent) // module.stride[i] + 1)
+        strides.append(a.stride(2 + i))
+    view = a.as_strided(
+        (B, C, *module.kernel_size, *sizes),
+        (a.stride(0), a.stride(1), *(d * s for d, s in zip(module.dilation, strides)),
+         *(st * s for st, s in zip(module.stride, strides))),
+    )
+    L = 1
+    for n in sizes:
+        L *= n
+    return view.reshape(B, -1, L)
 
 
 def _conv(module: nn.Module, a: torch.Tensor, d: torch.Tensor, blocks: dict[str, Block]):
@@ -483,7 +503,7 @@ def _conv(module: nn.Module, a: torch.Tensor, d: torch.Tensor, blocks: dict[str,
         dd = _cast(d, w).reshape(B, w.rows, -1)  # (B, out, L)
         L = dd.shape[2]
         patch_bytes = B * w.cols * L * a.element_size()
-        full = patch_bytes <= _UNFOLD_BYTES and _prefer_full(B, L, w, a.element_size(), patch_bytes)
+        full = patch_bytes <= _UNFOLD_BYTES and _prefer_full(B, L, w, a.element_size(), patch_bytes, conv=True)
         if _FORCE_ROUTE is not None:
             full = _FORCE_ROUTE == "full"
         patches = _unfold(module, a) if full else None

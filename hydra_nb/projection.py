@@ -130,7 +130,20 @@ def _allocate(layout: ParamLayout, total: int) -> list[int]:
                 break
     rest = [i for i in range(len(slots)) if not keep[i]]
     weight = sum(math.sqrt(slots[i].numel) for i in rest)
-    return [s.numel if keep[i] else max(1, int(budget * math.sqrt(s.numel) / weight)) for i, s in enumerate(slots)]
+    return [s.numel if keep[i] else _smooth_below(max(1, int(budget * math.sqrt(s.numel) / weight)))
+            for i, s in enumerate(slots)]
+
+
+def _smooth_below(n: int) -> int:
+    """The largest 2·3·5-smooth number ≤ n: sketch sizes whose FFTs are fast (a prime size is several times slower)."""
+    for m in range(n, 0, -1):
+        r = m
+        for p in (2, 3, 5):
+            while r % p == 0:
+                r //= p
+        if r == 1:
+            return m
+    return 1
 
 
 class Projector:
