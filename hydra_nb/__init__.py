@@ -9,7 +9,7 @@ __version__ = "0.1.0"
 
 from .errors import HydraError, StoreError, TrackingConfigError, TrackingFailure  # noqa: E402
 from .query import Store, open_store  # noqa: E402
-from .track import Tracker, TrackingStoppedWarning, track  # noqa: E402
+from .tracker import Tracker, TrackingStoppedWarning, track  # noqa: E402
 
 
 

@@ -45,7 +45,7 @@ from torch.utils.data import DataLoader
 from .errors import HydraError, TrackingConfigError
 from .query import open_store
 from .store import read_meta
-from .track import Tracker, track
+from .tracker import Tracker, track
 
 DEFAULT_NAME = "hydra_store"
 _REFRESH_SECONDS = 0.2

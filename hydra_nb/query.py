@@ -127,7 +127,8 @@ class Store:
             return
         end = int(self.group["trace/row_end"][before_step - 1])
         grad = self.group["log/grad"]
-        size = grad.chunks[0]
+        row_bytes = grad.shape[1] * grad.dtype.itemsize
+        size = grad.chunks[0] * max(1, (16 << 20) // (grad.chunks[0] * row_bytes))  # ~16 MB of whole chunks
         for start in range(0, end, size):
             stop = min(start + size, end)
             yield (np.asarray(self.group["log/sample"][start:stop]), np.asarray(self.group["log/step"][start:stop]),

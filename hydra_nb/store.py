@@ -41,7 +41,8 @@ from .params import ParamLayout
 
 SCHEMA_VERSION = 1
 FORMAT = "hydra_nb.store"
-_TARGET_CHUNK_BYTES = 4 << 20
+_TARGET_CHUNK_BYTES = 1 << 20
+_FLUSH_BYTES = 8 << 20
 _TRACE_CHUNK = 1024
 _FLOAT_CODEC = BloscCodec(cname="lz4", clevel=3, shuffle="shuffle")
 
@@ -127,6 +128,9 @@ class StoreWriter:
         self.bytes_written = 0
         self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
         self._log_rows = _rows_per_chunk(log_width, np.dtype(log_dtype).itemsize)
+        # write in batches of whole chunks (~8 MB): fewer, larger writes
+        self._flush_rows = self._log_rows * max(1, _FLUSH_BYTES // (self._log_rows * log_width * np.dtype(log_dtype).itemsize))
+        index_rows = 1 << 16
         self._pending_rows: list[tuple] = []  # (samples, steps, rows)
         self._pending_count = 0
         self._pending_trace: list[dict] = []
@@ -137,11 +141,15 @@ class StoreWriter:
 
         g = zarr.open_group(str(path), mode="w")
         self.group = g
+        self._arrays: dict[str, zarr.Array] = {}  # handles, so that appends skip the group lookup
+        self._length: dict[str, int] = {}  # rows written; arrays may be longer (capacity)
         P, D = len(layout.slots), layout.size
-        g.create_array("log/sample", shape=(0,), chunks=(self._log_rows,), dtype="int64", dimension_names=["row"])
-        g.create_array("log/step", shape=(0,), chunks=(self._log_rows,), dtype="int64", dimension_names=["row"])
+        g.create_array("log/sample", shape=(0,), chunks=(index_rows,), dtype="int64", dimension_names=["row"])
+        g.create_array("log/step", shape=(0,), chunks=(index_rows,), dtype="int64", dimension_names=["row"])
+        # projected gradients are noise-like floats: lz4/zstd saved 6-8% of their size at twice the write
+        # cost (measured), so they are stored uncompressed; everything else is compressed
         g.create_array("log/grad", shape=(0, log_width), chunks=(self._log_rows, log_width), dtype=log_dtype,
-                       dimension_names=["row", "projected"], compressors=[_FLOAT_CODEC])
+                       dimension_names=["row", "projected"], compressors=None)
         for f in ("lr", "momentum", "dampening", "weight_decay"):
             g.create_array(f"trace/{f}", shape=(0, P), chunks=(_TRACE_CHUNK, P), dtype="float64",
                            dimension_names=["step", "param"])
@@ -213,6 +221,7 @@ class StoreWriter:
                 elif item[0] == "close":
                     if self.error is None:
                         self._flush(all_rows=True)
+                        self._trim()
                         self._commit(status=item[1], detail=item[2])
                     return
             except BaseException as exc:  # disk full, permissions...: keep what was committed
@@ -226,19 +235,18 @@ class StoreWriter:
             self._pending_rows.append((samples, steps, rows))
             self._pending_count += len(samples)
         self._trace_row_ends.append(self._rows_total + self._pending_count)
-        if self._pending_count >= self._log_rows:
+        if self._pending_count >= self._flush_rows:
             self._flush(all_rows=False)
 
     def _flush(self, all_rows: bool) -> None:
-        g = self.group
-        if self._pending_count and (all_rows or self._pending_count >= self._log_rows):
+        if self._pending_count and (all_rows or self._pending_count >= self._flush_rows):
             samples = np.concatenate([s for s, _, _ in self._pending_rows])
             steps = np.concatenate([t for _, t, _ in self._pending_rows])
             rows = np.concatenate([r for _, _, r in self._pending_rows])
             n = len(samples) if all_rows else (len(samples) // self._log_rows) * self._log_rows
-            g["log/sample"].append(samples[:n])
-            g["log/step"].append(steps[:n])
-            g["log/grad"].append(rows[:n])
+            self._append("log/sample", samples[:n])
+            self._append("log/step", steps[:n])
+            self._append("log/grad", rows[:n])
             self.bytes_written += rows[:n].nbytes + 16 * n
             self._rows_total += n
             rest = (samples[n:], steps[n:], rows[n:])
@@ -246,8 +254,8 @@ class StoreWriter:
             self._pending_count = len(rest[0])
         if all_rows and self._pending_trace:
             for f in self._pending_trace[0]:
-                g[f"trace/{f}"].append(np.stack([r[f] for r in self._pending_trace]))
-            g["trace/row_end"].append(np.asarray(self._trace_row_ends, dtype=np.int64))
+                self._append(f"trace/{f}", np.stack([r[f] for r in self._pending_trace]))
+            self._append("trace/row_end", np.asarray(self._trace_row_ends, dtype=np.int64))
             self._steps_total += len(self._pending_trace)
             self._pending_trace = []
             self._trace_row_ends = []
@@ -256,17 +264,38 @@ class StoreWriter:
         self._flush(all_rows=True)
         if step != self._steps_total:  # pragma: no cover - a tracker bug, never silently accepted
             raise StoreError(f"checkpoint at step {step} but {self._steps_total} steps were written")
-        g = self.group
         params = _numpy(params_item)
-        g["checkpoints/params"].append(params[None])
+        self._append("checkpoints/params", params[None])
         if self._has_buffers:
-            g["checkpoints/buffers"].append(_numpy(buffers_item).astype(np.float64)[None])
+            self._append("checkpoints/buffers", _numpy(buffers_item).astype(np.float64)[None])
         if self._exact:
-            g["exact/h"].append(_numpy(h_item)[None])
-        g["checkpoints/step"].append(np.asarray([step], dtype=np.int64))
+            self._append("exact/h", _numpy(h_item)[None])
+        self._append("checkpoints/step", np.asarray([step], dtype=np.int64))
         self.bytes_written += params.nbytes
         self._checkpoints += 1
         self._commit()
+
+    def _append(self, name: str, data: np.ndarray) -> None:
+        """Write rows after the last written one, growing the array's capacity geometrically.
+
+        Readers never look past ``committed``, so capacity beyond it is invisible to them; growing
+        by doubling keeps metadata rewrites (one per resize) rare. ``close`` trims to the exact size.
+        """
+        arr = self._arrays.get(name)
+        if arr is None:
+            arr = self._arrays[name] = self.group[name]
+            self._length[name] = arr.shape[0]
+        start = self._length[name]
+        stop = start + len(data)
+        if stop > arr.shape[0]:
+            arr.resize((max(stop, 2 * arr.shape[0], arr.chunks[0]), *arr.shape[1:]))
+        arr[start:stop] = data
+        self._length[name] = stop
+
+    def _trim(self) -> None:
+        for name, arr in self._arrays.items():
+            if arr.shape[0] != self._length[name]:
+                arr.resize((self._length[name], *arr.shape[1:]))
 
     def _commit(self, status: str | None = None, detail: str = "") -> None:
         self.meta["committed"] = {"steps": self._steps_total, "rows": self._rows_total,

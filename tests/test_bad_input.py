@@ -366,22 +366,22 @@ def test_late_failure_strict_raises(tmp_path):
 
 
 def test_disk_failure_keeps_committed_prefix(tmp_path, monkeypatch):
-    import zarr
+    from zarr.storage import LocalStore
 
     model = mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     loader = loader_of()
     calls = {"n": 0}
-    original = zarr.Array.append
+    original = LocalStore.set
 
-    def failing_append(self, data, axis=0):
-        if self.path == "checkpoints/params":
+    async def failing_set(self, key, value):
+        if key.startswith("checkpoints/params/c/"):
             calls["n"] += 1
             if calls["n"] == 3:  # the third checkpoint: disk full
                 raise OSError(28, "No space left on device")
-        return original(self, data, axis=axis)
+        return await original(self, key, value)
 
-    monkeypatch.setattr(zarr.Array, "append", failing_append)
+    monkeypatch.setattr(LocalStore, "set", failing_set)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         with hydra_nb.track(model, loader, store=tmp_path / "a.zarr", optimizer=opt, checkpoint_every=2):
@@ -537,3 +537,21 @@ def test_loader_is_freed_after_tracking(tmp_path):
         assert ref() is None  # freed by reference counting (persistent workers stop at once), not by the GC
     finally:
         gc.enable()
+
+
+@pytest.mark.parametrize("penalty", [1e-2, 1e-4])
+def test_manual_l2_penalty_is_refused_at_the_first_step(tmp_path, penalty):
+    # a hand-written L2 term changes .grad without going through any layer: its share of .grad is small
+    # (about 1e-3 relative for the smaller penalty) and must still be caught before any update
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    loader = loader_of()
+    snap = snapshot(model)
+    with pytest.raises(TrackingConfigError, match="weight_decay"):
+        with hydra_nb.track(model, loader, store=tmp_path / "a.zarr", optimizer=opt):
+            for x, y in loader:
+                opt.zero_grad()
+                loss = F.cross_entropy(model(x), y) + penalty * sum((p ** 2).sum() for p in model.parameters())
+                loss.backward()
+                opt.step()
+    assert unchanged(model, snap)
