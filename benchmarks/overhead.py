@@ -11,11 +11,11 @@ are interleaved (ABBA order: P T, T P, P T, ...) after one untimed warm-up epoch
   steal CPU from the next plain epoch). The loop-only time is reported too.
 
 Reported per model: median seconds per epoch (plain, tracked), the ratio tracked/plain (target for
-LeNet5 on CPU: < 1.5×), ``tracker.stats['tracking_seconds']`` per epoch (time spent in the optimizer
-step hook and checkpoints only: the per-sample gradient work done in backward hooks is not in it),
+LeNet5 on CPU: < 1.5×), ``tracker.stats['tracking_seconds']`` per epoch (time spent inside hydra_nb's
+forward/backward hooks, the optimizer step hooks and checkpoints),
 CPU seconds of the store-writer thread itself per epoch (Linux; zarr does its I/O on its own event-loop
 thread, which this does not count: the drain time and the CPU-time ratio do), and bytes written per sample per epoch
-(``tracker.writer.bytes_written``, uncompressed) and on disk (compressed). One-off costs (entering
+(``tracker.writer.bytes_written``, before compression) and on disk. One-off costs (entering
 and closing the context) are reported separately.
 
 Shared machines are noisy: also reported are the ratio of the fastest epochs (min ratio), the ratio

@@ -6,12 +6,13 @@ receives δ = ∂(loss)/∂(output) during the user's ``backward()``. The gradie
 that sample b puts into ``.grad`` is then, per layer type,
 
     Linear      G_b = Σ_l δ_bl a_blᵀ                    (l: positions, if any)
-    Conv        G_b = Σ_l δ_bl patch(a_b)_lᵀ             (patches made by a conv with P_in as kernel)
+    Conv        G_b = Σ_l δ_bl patch(a_b)_lᵀ             (patches: a strided view of the input)
     Embedding   G_b = Σ_l e_{idx_bl} δ_blᵀ
     LayerNorm   g_b = Σ_l δ_bl ⊙ â_bl  (weight),  Σ_l δ_bl  (bias)
     other       torch.func: vmap over samples of the module's vjp
 
-and each is projected factor-wise, P_out·G_b·P_inᵀ, without forming G_b. Since
+and each is projected by the parameter's block of the ``Projector`` (a sketch T), either
+from G_b or factor-wise, T(G_b) = Σ_l CS1(δ_bl) ⊛ CS2(a_bl), whichever is cheaper. Since
 δ is what the backward really propagated, the reduction (mean or sum) and any
 loss the user wrote are accounted for: Σ_b G_b equals ``.grad``, which
 ``check`` verifies.

@@ -386,7 +386,8 @@ def track(model: nn.Module, loader, store, optimizer, mode: str = "fast", projec
     Args:
         mode: ``"fast"`` (all samples, Hessian terms dropped) or ``"exact"`` (Hessian-vector products
             kept, for ``exact_indices``; also records the fast estimate of the same samples).
-        projection_dim: total size of the seeded factor-wise random projection; None = full dimension.
+        projection_dim: total size of the seeded random projection (a per-layer tensor sketch);
+            None = full dimension.
         exact_indices: exact mode only: dataset indices to track (None = all).
         loss_fn: ``(outputs, targets) -> per-sample losses``; used for test losses and exact-mode HVPs.
             Default: cross-entropy.
