@@ -6,7 +6,6 @@ Needs the ``examples`` extra (scikit-learn).
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn

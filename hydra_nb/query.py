@@ -14,125 +14,30 @@ The log is read chunk by chunk (one chunk of rows and the coefficients in memory
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-import zarr
 from torch import nn
 
-from .errors import StoreError
-from .hypergrad import TRACE_FIELDS, response_coefficients
+from .hypergrad import response_coefficients
 from .params import ParamLayout
 from .projection import Projector
-from .store import SCHEMA_VERSION, read_meta
+from .store import StoreReader
 
 
 def _default_loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(outputs, targets, reduction="none")
 
 
-class Store:
-    """A tracked run on disk, opened read-only. Create with :func:`open_store`."""
+class Store(StoreReader):
+    """A tracked run on disk, opened read-only for queries. Create with :func:`open_store`."""
 
     def __init__(self, path, loss_fn: Callable | None = None):
-        self.path = Path(path)
-        if not self.path.exists():
-            raise StoreError(f"No hydra_nb store at {str(self.path)!r}: the path does not exist.")
-        meta = read_meta(self.path)
-        if meta is None:
-            raise StoreError(f"{str(self.path)!r} is not a hydra_nb store (no hydra_nb attributes in its zarr.json).")
-        if int(meta.get("schema_version", 0)) > SCHEMA_VERSION:
-            raise StoreError(
-                f"The store at {str(self.path)!r} has schema version {meta['schema_version']}; this hydra_nb reads "
-                f"up to {SCHEMA_VERSION}. Upgrade hydra_nb to read it.")
-        self.meta = meta
-        self.group = zarr.open_group(str(self.path), mode="r")
-        self.layout = ParamLayout.from_json(meta["params"])
-        committed = meta["committed"]
-        self._n_checkpoints = int(committed["checkpoints"])
-        if self._n_checkpoints == 0:
-            raise StoreError(f"The store at {str(self.path)!r} has no committed checkpoint yet.")
-        self.checkpoint_steps = np.asarray(self.group["checkpoints/step"][: self._n_checkpoints])
-        self.steps = int(self.checkpoint_steps[-1])
-        self._custom_loss = bool(meta["config"].get("custom_loss"))
+        super().__init__(path)
+        self._custom_loss = bool(self.meta["config"].get("custom_loss"))
         self.loss_fn = loss_fn
-        self._projector: Projector | None = None
-
-    # -- description ------------------------------------------------------------------------
-    @property
-    def mode(self) -> str:
-        return self.meta["mode"]
-
-    @property
-    def n_train(self) -> int:
-        return int(self.meta["n_train"])
-
-    @property
-    def status(self) -> str:
-        """``complete``, or why and where the run stopped (queries answer for the committed steps)."""
-        s = self.meta.get("status", "running")
-        if s == "complete":
-            return "complete"
-        detail = self.meta.get("status_detail") or ""
-        return f"{s} at step {self.steps}" + (f" ({detail})" if detail else "")
-
-    @property
-    def tracked_indices(self) -> np.ndarray:
-        """Dataset indices of the tracked training samples (all of them in fast mode)."""
-        if self.mode == "exact":
-            return np.asarray(self.group["exact/indices"][:])
-        return np.arange(self.n_train, dtype=np.int64)
-
-    @property
-    def projector(self) -> Projector:
-        if self._projector is None:
-            arrays = {name: arr for name, arr in self.group["projection"].arrays()} if "projection" in self.group else {}
-            dtype = torch.float64 if self.group["checkpoints/params"].dtype == np.float64 else torch.float32
-            self._projector = Projector.from_json(self.layout, self.meta["projection"], arrays, dtype)
-        return self._projector
-
-    def __repr__(self) -> str:
-        return (f"<hydra_nb.Store {str(self.path)!r}: {self.mode} mode, {len(self.tracked_indices)} tracked of "
-                f"{self.n_train} samples, {self.steps} steps, {len(self.checkpoint_steps)} checkpoints, "
-                f"{self.status}>")
-
-    # -- raw data ---------------------------------------------------------------------------
-    def trace(self, steps: int | None = None) -> dict[str, np.ndarray]:
-        """The SGD trace: arrays (steps, parameters) of lr, momentum, dampening, weight_decay, nesterov, first, active."""
-        n = self.steps if steps is None else steps
-        return {f: np.asarray(self.group[f"trace/{f}"][:n]) for f in TRACE_FIELDS}
-
-    def params_at(self, checkpoint: int = -1) -> np.ndarray:
-        """Flat trainable parameters θ at a checkpoint (index into ``checkpoint_steps``)."""
-        c = self._checkpoint_index(checkpoint)
-        return np.asarray(self.group["checkpoints/params"][c])
-
-    def _buffers_at(self, c: int) -> np.ndarray | None:
-        return np.asarray(self.group["checkpoints/buffers"][c]) if "buffers" in self.group["checkpoints"] else None
-
-    def _checkpoint_index(self, checkpoint: int) -> int:
-        c = int(checkpoint)
-        if c < 0:
-            c += self._n_checkpoints
-        if not 0 <= c < self._n_checkpoints:
-            raise IndexError(f"checkpoint {checkpoint} out of range: the store has {self._n_checkpoints} checkpoints.")
-        return c
-
-    def log_chunks(self, before_step: int):
-        """Yield (samples, steps, rows) of the per-sample log for steps < ``before_step``, chunk by chunk."""
-        if before_step <= 0:
-            return
-        end = int(self.group["trace/row_end"][before_step - 1])
-        grad = self.group["log/grad"]
-        row_bytes = grad.shape[1] * grad.dtype.itemsize
-        size = grad.chunks[0] * max(1, (16 << 20) // (grad.chunks[0] * row_bytes))  # ~16 MB of whole chunks
-        for start in range(0, end, size):
-            stop = min(start + size, end)
-            yield (np.asarray(self.group["log/sample"][start:stop]), np.asarray(self.group["log/step"][start:stop]),
-                   np.asarray(grad[start:stop]))
 
     # -- queries ----------------------------------------------------------------------------
     def _loss(self, loss_fn):

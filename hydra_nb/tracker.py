@@ -9,7 +9,6 @@ a background thread. Queries read the store (``hydra_nb.open_store``).
 
 from __future__ import annotations
 
-import math
 import os
 import time
 import warnings
