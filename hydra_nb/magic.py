@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import ast
 import difflib
-import inspect
 import time
 from pathlib import Path
 
@@ -170,12 +169,6 @@ class HydraMagics(Magics):
             kwargs["resume"] = True
         try:
             tracker = track(**kwargs)
-        except TypeError as exc:
-            if args.resume and "resume" in str(exc):
-                raise UsageError(
-                    "--resume is not available yet: this hydra_nb cannot continue a run (it arrives with the "
-                    "store's resume support). Use --overwrite to start the run again, or another --store.") from None
-            raise
         except TrackingConfigError as exc:
             raise UsageError(str(exc)) from None
 
@@ -313,7 +306,7 @@ class HydraMagics(Magics):
         meta = read_meta(path) if path.is_dir() else None
         if meta is None or args.overwrite:
             return str(exc)
-        resume = "--resume to continue it" + ("" if _resume_supported() else " (not available in this version yet)")
+        resume = "--resume to continue it"
         return (f"{str(path)!r} already holds a hydra_nb run ({meta.get('mode')} mode, "
                 f"{meta.get('committed', {}).get('steps', 0)} steps, {meta.get('status', 'unknown')}); the cell did "
                 f"not run. Rerun it with --overwrite to replace that run, {resume}, or choose another --store.")
@@ -359,10 +352,6 @@ class HydraMagics(Magics):
             print(repr(open_store(path, loss_fn=loss_fn)))
         except HydraError as err:
             print(f"hydra_nb: {err}")
-
-
-def _resume_supported() -> bool:
-    return any("resume" in inspect.signature(f).parameters for f in (track, Tracker.__init__))
 
 
 def _size(n: int) -> str:

@@ -24,9 +24,14 @@ checkpoints), which is rewritten atomically after the data it counts is on disk.
 from __future__ import annotations
 
 import datetime
+import fcntl
+import json
+import os
 import queue
 import shutil
+import socket
 import threading
+import time
 import uuid
 from pathlib import Path
 
@@ -34,6 +39,7 @@ import numpy as np
 import torch
 import zarr
 from zarr.codecs import BloscCodec
+from zarr.core.sync import sync
 
 from .errors import StoreError, TrackingConfigError
 from .hypergrad import TRACE_FIELDS
@@ -67,9 +73,77 @@ def read_meta(path) -> dict | None:
     return meta
 
 
-def prepare_path(path, overwrite: bool) -> Path:
-    """Check that a new run may be written at ``path`` (removing an earlier run if ``overwrite``)."""
+LOCK_NAME = "hydra_nb.lock"
+
+
+class WriterLock:
+    """One writer per store: an exclusive ``flock`` on ``<store>/hydra_nb.lock``.
+
+    The operating system releases the lock when the writing process dies (``kill -9``
+    included), so a dead writer never holds a store forever. The file also says who
+    holds it (pid, host, run id, since), for error messages.
+    """
+
+    def __init__(self, store_path: Path):
+        self.path = Path(store_path) / LOCK_NAME
+        self._fd: int | None = None
+
+    def acquire(self, run_id: str) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        for attempt in range(20):  # a reader checking liveness holds it for microseconds
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                time.sleep(0.01)
+        else:
+            info = lock_holder(self.path.parent) or {}
+            os.close(fd)
+            raise TrackingConfigError(
+                f"{str(self.path.parent)!r} is being written by another hydra_nb.track (process {info.get('pid')} "
+                f"on {info.get('host')}, since {info.get('since')}). One writer at a time: wait for it to finish, "
+                "or track into another store.")
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "run_id": run_id,
+                                 "since": _now()}).encode())
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+
+def lock_holder(store_path) -> dict | None:
+    """Who holds the writer lock of a local store, or None if nobody does (no writer, or it died)."""
+    path = Path(store_path) / LOCK_NAME
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            try:
+                return json.loads(os.read(fd, 4096) or b"{}")
+            except ValueError:
+                return {}
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
+def prepare_path(path, overwrite: bool, resume: bool = False) -> Path:
+    """Check that a run may be written at ``path``: a new one (removing an earlier run if ``overwrite``),
+    or, with ``resume``, the continuation of the run already there."""
     p = Path(path)
+    if resume and read_meta(p) is None:
+        raise TrackingConfigError(
+            f"Nothing to resume at {str(p)!r}: no hydra_nb store there. Drop resume=True to start a new run.")
     if p.exists():
         if p.is_file():
             raise TrackingConfigError(f"The store path {str(p)!r} is a file. Give a folder path such as 'runs/a.zarr'.")
@@ -79,14 +153,26 @@ def prepare_path(path, overwrite: bool) -> Path:
                 raise TrackingConfigError(
                     f"{str(p)!r} already exists and is not a hydra_nb store; hydra_nb will not write into or "
                     "delete it. Choose another store path.")
+        elif (holder := lock_holder(p)) is not None:
+            raise TrackingConfigError(
+                f"{str(p)!r} is being written right now by another hydra_nb.track (process {holder.get('pid')} on "
+                f"{holder.get('host')}); it can be neither overwritten nor resumed until that run ends.")
+        elif resume:
+            pass
         elif not overwrite:
             raise TrackingConfigError(
                 f"{str(p)!r} already holds a hydra_nb run ({meta.get('mode')} mode, run {meta.get('run_id')}, "
-                f"{meta.get('committed', {}).get('steps', 0)} steps). Pass overwrite=True to replace it, or "
-                "choose another store path.")
+                f"{meta.get('committed', {}).get('steps', 0)} steps). Pass overwrite=True to replace it, "
+                "resume=True to continue it, or choose another store path.")
         else:
             shutil.rmtree(p)
     return p
+
+
+def _create(group, name: str, **kwargs):
+    """Create an array whose every chunk is written, zeros included: a reader can then tell a missing
+    chunk (damage) from one zarr skipped for holding only the fill value."""
+    return group.create_array(name, config={"write_empty_chunks": True}, **kwargs)
 
 
 def _rows_per_chunk(width: int, itemsize: int) -> int:
@@ -120,66 +206,119 @@ class StoreWriter:
     queue is full, ``put_*`` waits. An I/O failure is kept in ``error``.
     """
 
-    def __init__(self, path: Path, meta: dict, layout: ParamLayout, projector_arrays: dict[str, np.ndarray],
-                 log_width: int, log_dtype: np.dtype, param_dtype: np.dtype, buffer_size: int,
-                 exact_indices: np.ndarray | None, queue_size: int = 32):
+    def __init__(self, path: Path, group, meta: dict, log_rows: int, exact: bool, has_buffers: bool,
+                 lengths: dict[str, int], lock: WriterLock, queue_size: int = 32):
         self.path = path
+        self.group = group
         self.meta = meta
         self.error: BaseException | None = None
         self.bytes_written = 0
+        self.wait_seconds = 0.0  # time the training thread waited on a full queue
+        self._lock = lock
         self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
-        self._log_rows = _rows_per_chunk(log_width, np.dtype(log_dtype).itemsize)
+        self._log_rows = log_rows
+        grad = group["log/grad"]
         # write in batches of whole chunks (~8 MB): fewer, larger writes
-        self._flush_rows = self._log_rows * max(1, _FLUSH_BYTES // (self._log_rows * log_width * np.dtype(log_dtype).itemsize))
-        index_rows = 1 << 16
+        self._flush_rows = log_rows * max(1, _FLUSH_BYTES // (log_rows * grad.shape[1] * grad.dtype.itemsize))
         self._pending_rows: list[tuple] = []  # (samples, steps, rows)
         self._pending_count = 0
         self._pending_trace: list[dict] = []
         self._trace_row_ends: list[int] = []
-        self._rows_total = 0
-        self._steps_total = 0
-        self._checkpoints = 0
-
-        g = zarr.open_group(str(path), mode="w")
-        self.group = g
         self._arrays: dict[str, zarr.Array] = {}  # handles, so that appends skip the group lookup
-        self._length: dict[str, int] = {}  # rows written; arrays may be longer (capacity)
-        P, D = len(layout.slots), layout.size
-        g.create_array("log/sample", shape=(0,), chunks=(index_rows,), dtype="int64", dimension_names=["row"])
-        g.create_array("log/step", shape=(0,), chunks=(index_rows,), dtype="int64", dimension_names=["row"])
-        # projected gradients are noise-like floats: lz4/zstd saved 6-8% of their size at twice the write
-        # cost (measured), so they are stored uncompressed; everything else is compressed
-        g.create_array("log/grad", shape=(0, log_width), chunks=(self._log_rows, log_width), dtype=log_dtype,
-                       dimension_names=["row", "projected"], compressors=None)
-        for f in ("lr", "momentum", "dampening", "weight_decay"):
-            g.create_array(f"trace/{f}", shape=(0, P), chunks=(_TRACE_CHUNK, P), dtype="float64",
-                           dimension_names=["step", "param"])
-        for f in ("nesterov", "first", "active"):
-            g.create_array(f"trace/{f}", shape=(0, P), chunks=(_TRACE_CHUNK, P), dtype="bool",
-                           dimension_names=["step", "param"])
-        g.create_array("trace/row_end", shape=(0,), chunks=(_TRACE_CHUNK,), dtype="int64", dimension_names=["step"])
-        g.create_array("checkpoints/step", shape=(0,), chunks=(1024,), dtype="int64", dimension_names=["checkpoint"])
-        d_chunk = min(D, 1 << 20)
-        g.create_array("checkpoints/params", shape=(0, D), chunks=(1, d_chunk), dtype=param_dtype,
-                       dimension_names=["checkpoint", "parameter"], compressors=[_FLOAT_CODEC])
-        if buffer_size:
-            g.create_array("checkpoints/buffers", shape=(0, buffer_size), chunks=(1, min(buffer_size, 1 << 20)),
-                           dtype="float64", dimension_names=["checkpoint", "buffer"])
-        for name, arr in projector_arrays.items():  # block{i}_h1/s1 run over rows, _h2/s2 over cols
-            g.create_array(f"projection/{name}", data=arr, dimension_names=["row" if name[-1] == "1" else "col"])
-        if exact_indices is not None:
-            m = len(exact_indices)
-            g.create_array("exact/indices", data=np.asarray(exact_indices, dtype=np.int64), dimension_names=["sample"])
-            rows = max(1, min(m, _TARGET_CHUNK_BYTES // max(D * np.dtype(param_dtype).itemsize, 1)))
-            g.create_array("exact/h", shape=(0, m, D), chunks=(1, rows, d_chunk), dtype=param_dtype,
-                           dimension_names=["checkpoint", "sample", "parameter"], compressors=[_FLOAT_CODEC])
-        self._exact = exact_indices is not None
-        self._has_buffers = bool(buffer_size)
-        meta.update({"committed": {"steps": 0, "rows": 0, "checkpoints": 0}, "status": "running",
-                     "status_detail": "", "updated": _now()})
-        g.attrs["hydra_nb"] = meta
+        self._length: dict[str, int] = dict(lengths)  # rows written; arrays may be longer (capacity)
+        self._rows_total = lengths.get("log/grad", 0)
+        self._steps_total = lengths.get("trace/row_end", 0)
+        self._checkpoints = lengths.get("checkpoints/step", 0)
+        self._exact = exact
+        self._has_buffers = has_buffers
         self._thread = threading.Thread(target=self._run, name="hydra_nb-writer", daemon=True)
         self._thread.start()
+
+    @classmethod
+    def create(cls, path: Path, meta: dict, layout: ParamLayout, projector_arrays: dict[str, np.ndarray],
+               log_width: int, log_dtype, param_dtype, buffer_size: int,
+               exact_indices: np.ndarray | None) -> "StoreWriter":
+        """Create a new run store at ``path`` (which ``prepare_path`` checked) and take its writer lock."""
+        lock = WriterLock(path)
+        lock.acquire(meta["run_id"])
+        try:
+            log_rows = _rows_per_chunk(log_width, np.dtype(log_dtype).itemsize)
+            index_rows = 1 << 16
+            g = zarr.open_group(str(path), mode="a")
+            P, D = len(layout.slots), layout.size
+            _create(g, "log/sample", shape=(0,), chunks=(index_rows,), dtype="int64", dimension_names=["row"])
+            _create(g, "log/step", shape=(0,), chunks=(index_rows,), dtype="int64", dimension_names=["row"])
+            # projected gradients are noise-like floats: lz4/zstd saved 6-8% of their size at twice the write
+            # cost (measured), so they are stored uncompressed; everything else is compressed
+            _create(g, "log/grad", shape=(0, log_width), chunks=(log_rows, log_width), dtype=log_dtype,
+                           dimension_names=["row", "projected"], compressors=None)
+            for f in ("lr", "momentum", "dampening", "weight_decay"):
+                _create(g, f"trace/{f}", shape=(0, P), chunks=(_TRACE_CHUNK, P), dtype="float64",
+                               dimension_names=["step", "param"])
+            for f in ("nesterov", "first", "active"):
+                _create(g, f"trace/{f}", shape=(0, P), chunks=(_TRACE_CHUNK, P), dtype="bool",
+                               dimension_names=["step", "param"])
+            _create(g, "trace/row_end", shape=(0,), chunks=(_TRACE_CHUNK,), dtype="int64",
+                           dimension_names=["step"])
+            _create(g, "checkpoints/step", shape=(0,), chunks=(1024,), dtype="int64",
+                           dimension_names=["checkpoint"])
+            d_chunk = min(D, 1 << 20)
+            _create(g, "checkpoints/params", shape=(0, D), chunks=(1, d_chunk), dtype=param_dtype,
+                           dimension_names=["checkpoint", "parameter"], compressors=[_FLOAT_CODEC])
+            if buffer_size:
+                _create(g, "checkpoints/buffers", shape=(0, buffer_size), chunks=(1, min(buffer_size, 1 << 20)),
+                               dtype="float64", dimension_names=["checkpoint", "buffer"])
+            for name, arr in projector_arrays.items():  # block{i}_h1/s1 run over rows, _h2/s2 over cols
+                _create(g, f"projection/{name}", data=arr, dimension_names=["row" if name[-1] == "1" else "col"])
+            if exact_indices is not None:
+                m = len(exact_indices)
+                _create(g, "exact/indices", data=np.asarray(exact_indices, dtype=np.int64),
+                               dimension_names=["sample"])
+                rows = max(1, min(m, _TARGET_CHUNK_BYTES // max(D * np.dtype(param_dtype).itemsize, 1)))
+                for name in ("h", "b"):  # h = dθ/dw and its momentum twin (b is what a resumed run needs)
+                    _create(g, f"exact/{name}", shape=(0, m, D), chunks=(1, rows, d_chunk), dtype=param_dtype,
+                                   dimension_names=["checkpoint", "sample", "parameter"], compressors=[_FLOAT_CODEC])
+            meta.update({"committed": {"steps": 0, "rows": 0, "checkpoints": 0}, "status": "running",
+                         "status_detail": "", "updated": _now()})
+            g.attrs["hydra_nb"] = meta
+        except BaseException:
+            lock.release()
+            raise
+        return cls(path, g, meta, log_rows, exact_indices is not None, bool(buffer_size), {}, lock)
+
+    @classmethod
+    def reopen(cls, path: Path) -> "StoreWriter":
+        """Continue an existing run: take its writer lock and cut it back to its last checkpoint.
+
+        Whatever was written after the last committed checkpoint (steps without parameters to query
+        them at) is overwritten by the resumed run.
+        """
+        meta = read_meta(path)
+        if meta is None:
+            raise TrackingConfigError(f"Nothing to resume: {str(path)!r} is not a hydra_nb store.")
+        lock = WriterLock(path)
+        lock.acquire(meta["run_id"])
+        try:
+            g = zarr.open_group(str(path), mode="r+")
+            n_ckpt = int(meta["committed"]["checkpoints"])
+            if n_ckpt == 0:
+                raise TrackingConfigError(f"Nothing to resume: {str(path)!r} has no committed checkpoint.")
+            step = int(g["checkpoints/step"][n_ckpt - 1])
+            rows = int(g["trace/row_end"][step - 1]) if step else 0
+            lengths = {}
+            for name in _array_names(g):
+                axis0 = {"log": rows, "trace": step, "checkpoints": n_ckpt, "exact": n_ckpt}.get(name.split("/")[0])
+                if axis0 is not None and name != "exact/indices":
+                    lengths[name] = axis0
+            meta["committed"] = {"steps": step, "rows": rows, "checkpoints": n_ckpt}
+            meta["status"], meta["status_detail"] = "running", ""
+            meta.setdefault("resumed", []).append({"at_step": step, "time": _now()})
+            g.attrs["hydra_nb"] = meta
+            log_rows = g["log/grad"].chunks[0]
+        except BaseException:
+            lock.release()
+            raise
+        return cls(path, g, meta, log_rows, "exact" in g, "buffers" in g["checkpoints"], lengths, lock)
 
     # -- producer side (training thread) ------------------------------------------------------
     def put_step(self, trace_row: dict[str, np.ndarray], samples: torch.Tensor, rows: torch.Tensor | None) -> None:
@@ -188,16 +327,17 @@ class StoreWriter:
         self._put(("step", trace_row, samples.detach().cpu().to(torch.int64).numpy(), rows_item))
 
     def put_checkpoint(self, step: int, params: torch.Tensor, buffers: torch.Tensor | None,
-                       h: torch.Tensor | None) -> None:
-        """Parameters (and exact-mode h) after ``step`` completed steps; commits everything before it."""
+                       h: torch.Tensor | None = None, b: torch.Tensor | None = None) -> None:
+        """Parameters (and exact-mode h, b) after ``step`` completed steps; commits everything before it."""
         self._put(("checkpoint", step, to_host(params, copy=True),
                    None if buffers is None else to_host(buffers, copy=True),
-                   None if h is None else to_host(h, copy=True)))
+                   None if h is None else to_host(h, copy=True), None if b is None else to_host(b, copy=True)))
 
     def close(self, status: str, detail: str = "") -> None:
         """Flush, commit and record the run's final status; waits for the writer thread."""
         self._put(("close", status, detail))
         self._thread.join()
+        self._lock.release()
 
     @property
     def backlog(self) -> int:
@@ -206,7 +346,12 @@ class StoreWriter:
     def _put(self, item) -> None:
         if not self._thread.is_alive():
             return
-        self._queue.put(item)
+        try:
+            self._queue.put_nowait(item)
+        except queue.Full:  # the writer is the bottleneck right now: wait, and count it
+            start = time.perf_counter()
+            self._queue.put(item)
+            self.wait_seconds += time.perf_counter() - start
 
     # -- consumer side (writer thread) --------------------------------------------------------
     def _run(self) -> None:
@@ -261,7 +406,7 @@ class StoreWriter:
             self._pending_trace = []
             self._trace_row_ends = []
 
-    def _on_checkpoint(self, step, params_item, buffers_item, h_item) -> None:
+    def _on_checkpoint(self, step, params_item, buffers_item, h_item, b_item) -> None:
         self._flush(all_rows=True)
         if step != self._steps_total:  # pragma: no cover - a tracker bug, never silently accepted
             raise StoreError(f"checkpoint at step {step} but {self._steps_total} steps were written")
@@ -271,6 +416,7 @@ class StoreWriter:
             self._append("checkpoints/buffers", _numpy(buffers_item).astype(np.float64)[None])
         if self._exact:
             self._append("exact/h", _numpy(h_item)[None])
+            self._append("exact/b", _numpy(b_item)[None])
         self._append("checkpoints/step", np.asarray([step], dtype=np.int64))
         self.bytes_written += params.nbytes
         self._checkpoints += 1
@@ -282,10 +428,7 @@ class StoreWriter:
         Readers never look past ``committed``, so capacity beyond it is invisible to them; growing
         by doubling keeps metadata rewrites (one per resize) rare. ``close`` trims to the exact size.
         """
-        arr = self._arrays.get(name)
-        if arr is None:
-            arr = self._arrays[name] = self.group[name]
-            self._length[name] = arr.shape[0]
+        arr = self._array(name)
         start = self._length[name]
         stop = start + len(data)
         if stop > arr.shape[0]:
@@ -293,8 +436,16 @@ class StoreWriter:
         arr[start:stop] = data
         self._length[name] = stop
 
+    def _array(self, name: str) -> zarr.Array:
+        arr = self._arrays.get(name)
+        if arr is None:
+            arr = self._arrays[name] = self.group[name].with_config({"write_empty_chunks": True})
+            self._length.setdefault(name, arr.shape[0])
+        return arr
+
     def _trim(self) -> None:
-        for name, arr in self._arrays.items():
+        for name in list(self._length):
+            arr = self._array(name)
             if arr.shape[0] != self._length[name]:
                 arr.resize((self._length[name], *arr.shape[1:]))
 
@@ -306,6 +457,22 @@ class StoreWriter:
             self.meta["status_detail"] = detail
         self.meta["updated"] = _now()
         self.group.attrs["hydra_nb"] = self.meta
+
+
+_REQUIRED = ["log/sample", "log/step", "log/grad", "trace/row_end", "checkpoints/step", "checkpoints/params",
+             *(f"trace/{f}" for f in TRACE_FIELDS)]
+
+
+async def _collect_keys(store, prefix: str) -> list[str]:
+    return [key async for key in store.list_prefix(prefix)]
+
+
+def _array_names(group) -> list[str]:
+    names = []
+    for sub in ("log", "trace", "checkpoints", "exact"):
+        if sub in group:
+            names += [f"{sub}/{name}" for name, _ in group[sub].arrays()]
+    return names
 
 
 def new_run_meta(mode: str, n_train: int, layout: ParamLayout, projector_json: dict, config: dict,
@@ -335,26 +502,79 @@ class StoreReader:
     """
 
     def __init__(self, path):
-        self.path = Path(path)
-        if not self.path.exists():
-            raise StoreError(f"No hydra_nb store at {str(self.path)!r}: the path does not exist.")
-        meta = read_meta(self.path)
-        if meta is None:
-            raise StoreError(f"{str(self.path)!r} is not a hydra_nb store (no hydra_nb attributes in its zarr.json).")
+        text = str(path)
+        self.is_local = "://" not in text or text.startswith("file://")
+        self.path = Path(text[len("file://"):]) if text.startswith("file://") else (Path(text) if self.is_local else text)
+        where = text
+        if self.is_local and not self.path.exists():
+            raise StoreError(f"No hydra_nb store at {where!r}: the path does not exist.")
+        try:
+            self.group = zarr.open_group(str(self.path) if self.is_local else text, mode="r")
+            meta = self.group.attrs.asdict().get("hydra_nb")
+        except Exception as exc:
+            if self.is_local:
+                raise StoreError(f"{where!r} is not a hydra_nb store (no readable zarr.json).") from None
+            raise StoreError(f"Could not open {where!r} as a Zarr group: {exc!r}") from exc
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            raise StoreError(f"{where!r} is not a hydra_nb store (no hydra_nb attributes in its zarr.json).")
         if int(meta.get("schema_version", 0)) > SCHEMA_VERSION:
             raise StoreError(
-                f"The store at {str(self.path)!r} has schema version {meta['schema_version']}; this hydra_nb reads "
+                f"The store at {where!r} has schema version {meta['schema_version']}; this hydra_nb reads "
                 f"up to {SCHEMA_VERSION}. Upgrade hydra_nb to read it.")
         self.meta = meta
-        self.group = zarr.open_group(str(self.path), mode="r")
+        self.where = where
+        missing = [n for n in _REQUIRED if n not in self.group]
+        if missing:
+            raise StoreError(f"The store at {where!r} is damaged: missing array(s) {', '.join(missing)}.")
         self.layout = ParamLayout.from_json(meta["params"])
         committed = meta["committed"]
         self._n_checkpoints = int(committed["checkpoints"])
         if self._n_checkpoints == 0:
-            raise StoreError(f"The store at {str(self.path)!r} has no committed checkpoint yet.")
-        self.checkpoint_steps = np.asarray(self.group["checkpoints/step"][: self._n_checkpoints])
+            raise StoreError(f"The store at {where!r} has no committed checkpoint yet.")
+        self._verified: set[str] = set()
+        self.checkpoint_steps = self._read("checkpoints/step", slice(0, self._n_checkpoints))
         self.steps = int(self.checkpoint_steps[-1])
         self._projector: Projector | None = None
+
+    # -- reading, with damage detected --------------------------------------------------------
+    def _read(self, name: str, selection) -> np.ndarray:
+        """``array[selection]`` within the committed region; a missing or unreadable chunk is a StoreError.
+
+        (Zarr silently returns fill values for missing chunks, so their keys are checked first.)
+        """
+        arr = self.group[name]
+        self._verify(name, arr)
+        try:
+            return np.asarray(arr[selection])
+        except Exception as exc:
+            raise StoreError(f"The store at {self.where!r} is damaged: {name} could not be read "
+                             f"({type(exc).__name__}: {exc}).") from exc
+
+    def _committed_length(self, name: str) -> int:
+        head = name.split("/")[0]
+        c = self.meta["committed"]
+        if head == "log":
+            return int(c["rows"])
+        if head == "trace":
+            return int(c["steps"])
+        if head in ("checkpoints", "exact") and name != "exact/indices":
+            return int(c["checkpoints"])
+        return self.group[name].shape[0] if self.group[name].ndim else 1
+
+    def _verify(self, name: str, arr) -> None:
+        if name in self._verified:
+            return
+        length = min(self._committed_length(name), arr.shape[0]) if arr.ndim else 0
+        if arr.ndim and length:
+            grid = [(length + arr.chunks[0] - 1) // arr.chunks[0]]
+            grid += [(n + c - 1) // c for n, c in zip(arr.shape[1:], arr.chunks[1:])]
+            present = set(sync(_collect_keys(arr.store, f"{arr.path}/c/")))
+            for index in np.ndindex(*grid):
+                key = f"{arr.path}/c/" + "/".join(str(i) for i in index)
+                if key not in present:
+                    raise StoreError(f"The store at {self.where!r} is damaged: chunk {key} is missing "
+                                     f"(committed data of {name}).")
+        self._verified.add(name)
 
     # -- description ------------------------------------------------------------------------
     @property
@@ -366,25 +586,36 @@ class StoreReader:
         return int(self.meta["n_train"])
 
     @property
+    def writer(self) -> dict | None:
+        """Who is writing this store right now (pid, host, since), or None (local stores only)."""
+        return lock_holder(self.path) if self.is_local else None
+
+    @property
     def status(self) -> str:
         """``complete``, or why and where the run stopped (queries answer for the committed steps)."""
         s = self.meta.get("status", "running")
         if s == "complete":
             return "complete"
         detail = self.meta.get("status_detail") or ""
+        if s == "running":
+            if self.is_local and self.writer is None:
+                s, detail = "interrupted", "the writing process ended without closing the store (killed or crashed)"
+            else:
+                return f"running: {self.steps} steps committed"
         return f"{s} at step {self.steps}" + (f" ({detail})" if detail else "")
 
     @property
     def tracked_indices(self) -> np.ndarray:
         """Dataset indices of the tracked training samples (all of them in fast mode)."""
         if self.mode == "exact":
-            return np.asarray(self.group["exact/indices"][:])
+            return self._read("exact/indices", slice(None))
         return np.arange(self.n_train, dtype=np.int64)
 
     @property
     def projector(self) -> Projector:
         if self._projector is None:
-            arrays = {name: arr for name, arr in self.group["projection"].arrays()} if "projection" in self.group else {}
+            names = [name for name, _ in self.group["projection"].arrays()] if "projection" in self.group else []
+            arrays = {name: self._read(f"projection/{name}", slice(None)) for name in names}
             dtype = torch.float64 if self.group["checkpoints/params"].dtype == np.float64 else torch.float32
             self._projector = Projector.from_json(self.layout, self.meta["projection"], arrays, dtype)
         return self._projector
@@ -398,15 +629,33 @@ class StoreReader:
     def trace(self, steps: int | None = None) -> dict[str, np.ndarray]:
         """The SGD trace: arrays (steps, parameters) of lr, momentum, dampening, weight_decay, nesterov, first, active."""
         n = self.steps if steps is None else steps
-        return {f: np.asarray(self.group[f"trace/{f}"][:n]) for f in TRACE_FIELDS}
+        return {f: self._read(f"trace/{f}", slice(0, n)) for f in TRACE_FIELDS}
 
     def params_at(self, checkpoint: int = -1) -> np.ndarray:
         """Flat trainable parameters θ at a checkpoint (index into ``checkpoint_steps``)."""
         c = self._checkpoint_index(checkpoint)
-        return np.asarray(self.group["checkpoints/params"][c])
+        return self._read("checkpoints/params", c)
+
+    def load_params(self, model, checkpoint: int = -1) -> None:
+        """Copy the parameters (and floating-point buffers) of a checkpoint into ``model``, in place."""
+        if (why := self.layout.matches(model)) is not None:
+            raise ValueError(f"The model does not match the store's parameters: {why}.")
+        c = self._checkpoint_index(checkpoint)
+        named = dict(model.named_parameters())
+        flat = torch.from_numpy(self.params_at(c))
+        buffers = self._buffers_at(c)
+        with torch.no_grad():
+            for name, value in self.layout.unflatten(flat).items():
+                named[name].copy_(value)
+            if buffers is not None:
+                named_buffers = dict(model.named_buffers())
+                for b in self.meta["buffers"]:
+                    n = int(np.prod(b["shape"], dtype=np.int64))
+                    named_buffers[b["name"]].copy_(torch.from_numpy(buffers[b["offset"]:b["offset"] + n])
+                                                   .reshape(b["shape"]))
 
     def _buffers_at(self, c: int) -> np.ndarray | None:
-        return np.asarray(self.group["checkpoints/buffers"][c]) if "buffers" in self.group["checkpoints"] else None
+        return self._read("checkpoints/buffers", c) if "buffers" in self.group["checkpoints"] else None
 
     def _checkpoint_index(self, checkpoint: int) -> int:
         c = int(checkpoint)
@@ -420,11 +669,11 @@ class StoreReader:
         """Yield (samples, steps, rows) of the per-sample log for steps < ``before_step``, chunk by chunk."""
         if before_step <= 0:
             return
-        end = int(self.group["trace/row_end"][before_step - 1])
+        end = int(self._read("trace/row_end", before_step - 1))
         grad = self.group["log/grad"]
         row_bytes = grad.shape[1] * grad.dtype.itemsize
         size = grad.chunks[0] * max(1, (16 << 20) // (grad.chunks[0] * row_bytes))  # ~16 MB of whole chunks
         for start in range(0, end, size):
             stop = min(start + size, end)
-            yield (np.asarray(self.group["log/sample"][start:stop]), np.asarray(self.group["log/step"][start:stop]),
-                   np.asarray(grad[start:stop]))
+            yield (self._read("log/sample", slice(start, stop)), self._read("log/step", slice(start, stop)),
+                   self._read("log/grad", slice(start, stop)))

@@ -52,7 +52,7 @@ class Tracker:
                  projection_dim: int | None = 1024, exact_indices=None, loss_fn: Callable | None = None,
                  checkpoint_every: str | int = "epoch", *, seed: int = 0, store_dtype: str | None = None,
                  overwrite: bool = False, strict: bool = False, hvp_batch: int = 32,
-                 on_step: Callable[["Tracker"], None] | None = None):
+                 on_step: Callable[["Tracker"], None] | None = None, resume: bool = False):
         if not isinstance(model, nn.Module):
             raise TrackingConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
         validate_optimizer(optimizer)
@@ -91,6 +91,9 @@ class Tracker:
         if on_step is not None and not callable(on_step):
             raise TrackingConfigError("on_step must be a callable taking the Tracker.")
         self.on_step = on_step
+        if resume and overwrite:
+            raise TrackingConfigError("resume=True and overwrite=True exclude each other: pick one.")
+        self.resume = bool(resume)
 
         if any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training for m in model.modules()):
             raise TrackingConfigError(
@@ -141,8 +144,12 @@ class Tracker:
     # -- context manager --------------------------------------------------------------------
     def __enter__(self) -> "Tracker":
         device = self.params[0].device
-        path = prepare_path(self.path, self.overwrite)
-        self.log_projector = Projector.plan(self.layout, self.projection_dim, self.seed, self.compute_dtype)
+        path = prepare_path(self.path, self.overwrite, self.resume)
+        previous = self._check_resumable(path) if self.resume else None
+        if previous is not None:
+            self.log_projector = previous.projector.to(dtype=self.compute_dtype)
+        else:
+            self.log_projector = Projector.plan(self.layout, self.projection_dim, self.seed, self.compute_dtype)
         if self.mode == "exact":
             capture_projector = Projector.plan(self.layout, None, self.seed, self.compute_dtype).to(device)
             self.exact = ExactHypergradients(self.model, self.params, self.layout, self.tracked, self.n_train,
@@ -156,20 +163,32 @@ class Tracker:
         for n, b in self._buffers:
             buffers_meta.append({"name": n, "shape": list(b.shape), "offset": offset})
             offset += b.numel()
-        config = {
-            "projection_dim": self.projection_dim, "seed": self.seed, "checkpoint_every": self.checkpoint_every,
-            "store_dtype": np.dtype(self.log_dtype).name, "loss_fn": "cross_entropy" if not self.custom_loss
-            else getattr(self.loss_fn, "__name__", "custom"), "custom_loss": self.custom_loss,
-            "batch_size": getattr(self.tap.loader, "batch_size", None), "torch_version": torch.__version__,
-            "device": str(device),
-        }
-        meta = new_run_meta(self.mode, self.n_train, self.layout, self.log_projector.to_json(), config, buffers_meta)
-        self.writer = StoreWriter(path, meta, self.layout, self.log_projector.arrays(), self.log_projector.dim,
-                                  self.log_dtype, np.dtype(str(self.compute_dtype).replace("torch.", "")), offset,
-                                  self.tracked)
+        if previous is not None:
+            self.writer = StoreWriter.reopen(path)
+            self.step = self._last_checkpoint = previous.steps
+            if self.exact is not None:
+                last = previous._n_checkpoints - 1
+                self.exact.h.copy_(torch.from_numpy(np.asarray(previous.group["exact/h"][last])))
+                self.exact.b.copy_(torch.from_numpy(np.asarray(previous.group["exact/b"][last])))
+                self.exact.seen |= (self.exact.h != 0).any(1) | (self.exact.b != 0).any(1)
+        else:
+            config = {
+                "projection_dim": self.projection_dim, "seed": self.seed, "checkpoint_every": self.checkpoint_every,
+                "store_dtype": np.dtype(self.log_dtype).name, "loss_fn": "cross_entropy" if not self.custom_loss
+                else getattr(self.loss_fn, "__name__", "custom"), "custom_loss": self.custom_loss,
+                "batch_size": getattr(self.tap.loader, "batch_size", None), "torch_version": torch.__version__,
+                "device": str(device),
+            }
+            meta = new_run_meta(self.mode, self.n_train, self.layout, self.log_projector.to_json(), config,
+                                buffers_meta)
+            self.writer = StoreWriter.create(path, meta, self.layout, self.log_projector.arrays(),
+                                             self.log_projector.dim, self.log_dtype,
+                                             np.dtype(str(self.compute_dtype).replace("torch.", "")), offset,
+                                             self.tracked)
         self.capture = GradientCapture(self.model, self.params, capture_projector, self.tap,
                                        keep_root_calls=self.mode == "exact")
-        self._checkpoint()
+        if previous is None:
+            self._checkpoint()
         try:
             self.tap.attach()
             self.capture.attach()
@@ -192,6 +211,40 @@ class Tracker:
         elif self.active:
             self._stop("interrupted", f"{exc_type.__name__} in the training loop at step {self.step}")
         return False
+
+    def _check_resumable(self, path):
+        """The interrupted run at ``path``, if this tracker can continue it; else a clear error."""
+        from .store import StoreReader
+
+        previous = StoreReader(path)
+        meta = previous.meta
+        problems = []
+        if meta["mode"] != self.mode:
+            problems.append(f"it was tracked in {meta['mode']} mode, this is {self.mode} mode")
+        if int(meta["n_train"]) != self.n_train:
+            problems.append(f"its dataset has {meta['n_train']} samples, this loader's has {self.n_train}")
+        if meta["params"] != self.layout.to_json():
+            problems.append("its model has other parameters (names, shapes or optimizer groups)")
+        if meta["config"].get("projection_dim") != self.projection_dim:
+            problems.append(f"it used projection_dim={meta['config'].get('projection_dim')}, "
+                            f"this is {self.projection_dim}")
+        if meta["config"].get("store_dtype") != np.dtype(self.log_dtype).name:
+            problems.append(f"it stores {meta['config'].get('store_dtype')} rows, this would store "
+                            f"{np.dtype(self.log_dtype).name}")
+        if self.mode == "exact" and not np.array_equal(previous.tracked_indices, self.tracked):
+            problems.append("it tracks other exact_indices")
+        if problems:
+            raise TrackingConfigError(
+                f"Cannot resume {str(path)!r}: {'; '.join(problems)}. Resume with the same model, dataset and "
+                "options, or start a new run (overwrite=True or another store path).")
+        stored = torch.from_numpy(previous.params_at(-1))
+        current = self.layout.flatten([p.detach().cpu().to(stored.dtype) for p in self.params])
+        if not torch.equal(stored, current):
+            raise TrackingConfigError(
+                f"Cannot resume {str(path)!r}: the model's parameters are not those of the run's last checkpoint "
+                f"(step {previous.steps}). Load them first with hydra_nb.open_store(path).load_params(model) "
+                "(and restore your optimizer's state), then resume.")
+        return previous
 
     @property
     def store(self):
@@ -316,7 +369,8 @@ class Tracker:
         params = self.layout.flatten([p.detach().to(self.compute_dtype) for p in self.params])
         buffers = torch.cat([b.detach().reshape(-1).to(torch.float64) for _, b in self._buffers]) if self._buffers else None
         h = self.exact.h if self.exact is not None else None
-        self.writer.put_checkpoint(self.step, params, buffers, h)
+        b = self.exact.b if self.exact is not None else None
+        self.writer.put_checkpoint(self.step, params, buffers, h, b)
         self._last_checkpoint = self.step
         self._own_seconds += time.perf_counter() - start
 
@@ -394,6 +448,9 @@ def track(model: nn.Module, loader, store, optimizer, mode: str = "fast", projec
         seed: projection seed. store_dtype: ``"float16"``, ``"float32"`` or ``"float64"`` for the
             per-sample rows (default: float32, float64 for float64 models). overwrite: replace an
             existing run at ``store``. strict: raise instead of warning if tracking fails mid-training.
+            resume: continue the run already at ``store`` (interrupted, or complete and trained further):
+            same model, dataset and options, with the model's parameters at the run's last checkpoint
+            (``open_store(store).load_params(model)``); steps continue from there.
             on_step: called with the Tracker after every tracked optimizer step (progress displays);
             ``tracker.stats`` holds steps, rows, tracking_seconds (time inside hydra_nb's hooks),
             bytes_written (per-sample data and checkpoints handed to the store, before compression),

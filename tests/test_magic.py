@@ -274,19 +274,16 @@ def test_rerun_is_refused_then_overwrite_replaces(ip):
     assert ip.user_ns["hydra_store"].steps == 5 and ip.user_ns["hydra_store"] is not first
 
 
-def test_resume_until_the_engine_supports_it(ip, monkeypatch):
+def test_resume_continues_the_run(ip):
     ip.user_ns.update(objects())
-    assert "--resume is not available yet" in usage_error(ip, cell(flags="--resume"))
-
-    seen = {}
-
-    def track_with_resume(*args, resume=False, **kwargs):
-        seen["resume"] = resume
-        raise hydra_nb.TrackingConfigError("no run to resume at 'runs/a.zarr'.")
-
-    monkeypatch.setattr(hydra_nb.magic, "track", track_with_resume)
-    assert "no run to resume" in usage_error(ip, cell(flags="--resume"))
-    assert seen == {"resume": True}
+    assert ip.run_cell(cell()).success
+    first = ip.user_ns["hydra_store"]
+    assert ip.run_cell(cell(flags="--resume")).success  # the same cell again: two more epochs
+    resumed = ip.user_ns["hydra_store"]
+    assert resumed.meta["run_id"] == first.meta["run_id"]
+    assert resumed.steps == 2 * first.steps
+    assert list(resumed.checkpoint_steps[: len(first.checkpoint_steps)]) == list(first.checkpoint_steps)
+    assert resumed.meta["resumed"][0]["at_step"] == first.steps
 
 
 # -- options ----------------------------------------------------------------------------------
