@@ -459,6 +459,23 @@ class StoreWriter:
         self.group.attrs["hydra_nb"] = self.meta
 
 
+class _CheckedArray:
+    """A zarr array whose reads turn a damaged chunk into a StoreError naming the store."""
+
+    def __init__(self, arr, name: str, where: str):
+        self._arr, self._name, self._where = arr, name, where
+
+    def __getitem__(self, selection) -> np.ndarray:
+        try:
+            return np.asarray(self._arr[selection])
+        except Exception as exc:
+            raise StoreError(f"The store at {self._where!r} is damaged: {self._name} could not be read "
+                             f"({type(exc).__name__}: {exc}).") from exc
+
+    def __getattr__(self, name):
+        return getattr(self._arr, name)
+
+
 _REQUIRED = ["log/sample", "log/step", "log/grad", "trace/row_end", "checkpoints/step", "checkpoints/params",
              *(f"trace/{f}" for f in TRACE_FIELDS)]
 
@@ -542,13 +559,13 @@ class StoreReader:
 
         (Zarr silently returns fill values for missing chunks, so their keys are checked first.)
         """
+        return self.array(name)[selection]
+
+    def array(self, name: str) -> "_CheckedArray":
+        """A store array for direct slicing: its committed chunks verified present, read errors as StoreError."""
         arr = self.group[name]
         self._verify(name, arr)
-        try:
-            return np.asarray(arr[selection])
-        except Exception as exc:
-            raise StoreError(f"The store at {self.where!r} is damaged: {name} could not be read "
-                             f"({type(exc).__name__}: {exc}).") from exc
+        return _CheckedArray(arr, name, self.where)
 
     def _committed_length(self, name: str) -> int:
         head = name.split("/")[0]
