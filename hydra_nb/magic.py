@@ -371,6 +371,8 @@ def _describe(tracker: Tracker, samples: int | None = None, steps: bool = True) 
             parts.append(f"{samples / elapsed:,.0f} samples/s")
         parts.append(f"overhead {100 * stats['tracking_seconds'] / elapsed:.0f}%")
     parts.append(f"{_size(stats['bytes_written'])} written")
+    if stats.get("writer_wait_seconds", 0.0) > 0.05:
+        parts.append(f"waited {stats['writer_wait_seconds']:.1f} s for the store writer (disk-bound)")
     return ", ".join(parts)
 
 

@@ -133,7 +133,7 @@ class Tracker:
         self.active = False
         self.failure: BaseException | None = None
         self.stats = {"steps": 0, "rows": 0, "tracking_seconds": 0.0, "started": None, "bytes_written": 0,
-                      "writer_backlog": 0}
+                      "writer_backlog": 0, "writer_wait_seconds": 0.0}
         self._last_checkpoint = -1
         self._own_seconds = 0.0  # in step hooks and checkpoints; hook time is in capture.seconds
         self._pending_step = False
@@ -348,6 +348,7 @@ class Tracker:
         self.stats["tracking_seconds"] = self._own_seconds + self.capture.seconds
         self.stats["bytes_written"] = self.writer.bytes_written
         self.stats["writer_backlog"] = self.writer.backlog
+        self.stats["writer_wait_seconds"] = self.writer.wait_seconds
         if isinstance(self.checkpoint_every, (int, np.integer)) and self.step % self.checkpoint_every == 0:
             self._checkpoint()
         if self.on_step is not None:
@@ -454,7 +455,8 @@ def track(model: nn.Module, loader, store, optimizer, mode: str = "fast", projec
             on_step: called with the Tracker after every tracked optimizer step (progress displays);
             ``tracker.stats`` holds steps, rows, tracking_seconds (time inside hydra_nb's hooks),
             bytes_written (per-sample data and checkpoints handed to the store, before compression),
-            writer_backlog.
+            writer_backlog (steps queued for the writer), writer_wait_seconds (time training waited because
+            the writer's queue was full: the disk or compression was the bottleneck).
     """
     return Tracker(model, loader, store, optimizer, mode, projection_dim, exact_indices, loss_fn, checkpoint_every,
                    **options)

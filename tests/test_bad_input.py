@@ -1,6 +1,7 @@
 """Bad input fails early and clearly; a tracking failure never kills training or a store."""
 
 import json
+import time
 import warnings
 from pathlib import Path
 
@@ -555,3 +556,38 @@ def test_manual_l2_penalty_is_refused_at_the_first_step(tmp_path, penalty):
                 loss.backward()
                 opt.step()
     assert unchanged(model, snap)
+
+
+def test_a_slow_disk_makes_training_wait_and_says_so(tmp_path, monkeypatch):
+    from hydra_nb import magic
+    from hydra_nb.store import StoreWriter
+
+    real = StoreWriter._on_step
+
+    def slow_step(self, *args):
+        time.sleep(0.05)  # a disk slower than training
+        return real(self, *args)
+
+    monkeypatch.setattr(StoreWriter, "_on_step", slow_step)
+    import hydra_nb.store as store_module
+
+    monkeypatch.setattr(store_module, "queue", _SmallQueue)
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    loader = loader_of()
+    with hydra_nb.track(model, loader, store=tmp_path / "a.zarr", optimizer=opt) as run:
+        train(model, loader, opt, epochs=3)
+    assert run.writer.wait_seconds > 0.1
+    assert "waited" in magic._describe(run) and "store writer" in magic._describe(run)
+    assert hydra_nb.open_store(tmp_path / "a.zarr").steps == 12  # nothing lost
+
+
+class _SmallQueue:
+    """The queue module, with queues of two items: the writer's queue fills at once."""
+
+    import queue as _q
+    Full = _q.Full
+
+    @staticmethod
+    def Queue(maxsize=0):
+        return _SmallQueue._q.Queue(maxsize=2)
