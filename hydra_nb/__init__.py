@@ -8,7 +8,7 @@ hypergradients, tracked_indices).
 __version__ = "0.1.0"
 
 from .errors import HydraError, StoreError, TrackingConfigError, TrackingFailure  # noqa: E402
-from .query import Store, open_store  # noqa: E402
+from .query import ClassMatrix, Store, TopK, open_store  # noqa: E402
 from .tracker import Tracker, TrackingStoppedWarning, track  # noqa: E402
 
 
@@ -21,6 +21,6 @@ def load_ipython_extension(ipython):
 
 
 __all__ = [
-    "track", "open_store", "Store", "Tracker", "HydraError", "StoreError", "TrackingConfigError",
+    "track", "open_store", "Store", "TopK", "ClassMatrix", "Tracker", "HydraError", "StoreError", "TrackingConfigError",
     "TrackingFailure", "TrackingStoppedWarning", "__version__",
 ]

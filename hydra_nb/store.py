@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import zarr
-from zarr.codecs import BloscCodec
+from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 from zarr.core.sync import sync
 
 from .errors import StoreError, TrackingConfigError
@@ -52,6 +52,7 @@ _TARGET_CHUNK_BYTES = 1 << 20
 _FLUSH_BYTES = 8 << 20
 _TRACE_CHUNK = 1024
 _FLOAT_CODEC = BloscCodec(cname="lz4", clevel=3, shuffle="shuffle")
+_INDEX_CODEC = ZstdCodec(level=1)
 
 
 def _now() -> str:
@@ -170,8 +171,15 @@ def prepare_path(path, overwrite: bool, resume: bool = False) -> Path:
 
 
 def _create(group, name: str, **kwargs):
-    """Create an array whose every chunk is written, zeros included: a reader can then tell a missing
-    chunk (damage) from one zarr skipped for holding only the fill value."""
+    """Create an array whose every chunk is written, zeros included (a reader can then tell a missing
+    chunk, which is damage, from one zarr skipped for holding only the fill value), and whose compressed
+    chunks carry a CRC-32C checksum (a truncated or corrupted compressed chunk would otherwise decompress
+    into wrong numbers without any error). Uncompressed chunks need none: a truncated one has the wrong size."""
+    compressors = kwargs.pop("compressors", [_INDEX_CODEC])
+    if compressors:
+        kwargs["compressors"] = [*compressors, Crc32cCodec()]
+    else:
+        kwargs["compressors"] = None
     return group.create_array(name, config={"write_empty_chunks": True}, **kwargs)
 
 

@@ -225,7 +225,8 @@ def test_missing_chunk_is_reported_not_read_as_zeros(finished, array):
 
 @pytest.mark.parametrize("array", ["log/grad", "checkpoints/params"])
 def test_truncated_chunk_is_an_error_naming_the_store(finished, array):
-    chunk = [p for p in sorted((finished / array / "c").rglob("*")) if p.is_file()][0]
+    last = read_meta(finished)["committed"]["checkpoints"] - 1  # the queries below read the last checkpoint
+    chunk = finished / array / "c" / ("0/0" if array == "log/grad" else f"{last}/0")
     chunk.write_bytes(chunk.read_bytes()[:37])
     store = hydra_nb.open_store(finished)
     with pytest.raises(StoreError, match=f"{finished.name}.* is damaged: {array} could not be read"):
@@ -246,3 +247,13 @@ def test_open_by_file_url(finished):
     np.testing.assert_array_equal(url.contributions(store_run.model(), TEST_X, TEST_Y),
                                   local.contributions(store_run.model(), TEST_X, TEST_Y))
     assert url.status == "complete"
+
+
+def test_corrupted_compressed_chunk_is_an_error_not_wrong_numbers(finished):
+    last = read_meta(finished)["committed"]["checkpoints"] - 1
+    chunk = finished / "checkpoints" / "params" / "c" / f"{last}" / "0"
+    raw = bytearray(chunk.read_bytes())
+    raw[len(raw) // 2] ^= 0x10  # one flipped bit
+    chunk.write_bytes(bytes(raw))
+    with pytest.raises(StoreError, match="checkpoints/params could not be read.*checksum"):
+        hydra_nb.open_store(finished).contributions(store_run.model(), TEST_X, TEST_Y)
