@@ -369,7 +369,7 @@ class GradientCapture:
             self._probe = (r.T.contiguous().to(device), torch.cat(parts).T.contiguous().to(device))
         return self._probe
 
-    def check(self, passes: list[Pass], rtol: float) -> tuple[list[Pass], float]:
+    def check(self, passes: list[Pass], rtol: float, world_size: int = 1) -> tuple[list[Pass], float]:
         """Verify Σ_b u_b = P(.grad) (captured per-sample gradients add up to what the optimizer sees).
 
         Compares 4 random linear functionals of both sides (a mismatch e shows as ⟨r, e⟩ ~ ‖e‖·N(0,1)).
@@ -402,14 +402,28 @@ class GradientCapture:
             cols = torch.cat([torch.arange(blocks[i].offset, blocks[i].stop) for i in active]).to(ref.device)
             project = lambda v: v[cols]
             measure = lambda v: v[cols].norm()
-        best = math.inf
+        if world_size > 1:
+            # DDP: .grad is the mean over ranks of their local gradients; compare the ranks' summed
+            # probes (scaled by 1/W) with it, all-reducing 4 probe values and a squared norm
+            import torch.distributed as dist
+
+            local = sum(sums) if sums else torch.zeros(self.projector.dim, dtype=ref.dtype, device=ref.device)
+            packed = torch.cat([project(local).to(ref.dtype), measure(local).to(ref.dtype).reshape(1) ** 2])
+            packed = packed.cpu() if dist.get_backend() == "gloo" else packed
+            dist.all_reduce(packed)
+            lhs, norm = packed[:-1].to(ref.device) / world_size, packed[-1].sqrt() / world_size
+            err = float((lhs - ref).abs().max()) / (float(norm) + 1e-30)
+            if err <= rtol:
+                return passes, err
+            passes, best = [], err
+        best = math.inf if world_size == 1 else best
         for start in range(len(passes)):
             part = sum(sums[start:])
             err = float((project(part).to(ref.dtype) - ref).abs().max()) / (float(measure(part)) + 1e-30)
             best = min(best, err)
             if err <= rtol:
                 return passes[start:], err
-        if not passes:
+        if not passes and best == math.inf:
             best = 1.0
         names = [blocks[i].name for i in active]
         raise TrackingFailure(

@@ -159,7 +159,7 @@ class Store(StoreReader):
 
     def _dtype(self) -> torch.dtype:
         """Compute dtype: float64 if the log or the parameters are float64, else float32."""
-        wide = np.dtype(self.group["log/grad"].dtype) == np.float64 or \
+        wide = np.dtype(self.group[self.log_parts[0]["grad"]].dtype) == np.float64 or \
             np.dtype(self.group["checkpoints/params"].dtype) == np.float64
         return torch.float64 if wide else torch.float32
 
@@ -169,9 +169,13 @@ class Store(StoreReader):
         return (str(self.path) if local else str(getattr(self, "where", self.path))), \
             getattr(self, "storage_options", None)
 
-    def _row_end(self, step: int) -> int:
-        """Number of log rows of steps < ``step``."""
-        return int(self.array("trace/row_end")[step - 1]) if step > 0 else 0
+    def _part_ends(self, step: int) -> list[int]:
+        """Number of log rows of steps < ``step``, per log part (one per rank of a distributed run)."""
+        return [int(self.array(part["row_end"])[step - 1]) if step > 0 else 0 for part in self.log_parts]
+
+    def _log_blocks(self, step: int, block_rows: int) -> int:
+        """Blocks of ``block_rows`` a pass over the log of steps < ``step`` reads."""
+        return sum(self._n_blocks(end, block_rows) for end in self._part_ends(step))
 
     def _gradient_batches(self, model, inputs, targets, c: int, loss_fn, batch: int = _GRAD_BATCH):
         """Yield ∇θ L(z; θ_c) for ``inputs``/``targets`` in batches (flat rows, parameters read once)."""
@@ -199,7 +203,7 @@ class Store(StoreReader):
 
     def _block_rows(self, budget: int, extra_per_row: int) -> int:
         """Rows per log block: whole chunks (or shards), ~3 row copies + ``extra_per_row`` within half the budget."""
-        grad = self.group["log/grad"]
+        grad = self.group[self.log_parts[0]["grad"]]
         unit = int((getattr(grad, "shards", None) or grad.chunks)[0])
         row_bytes = grad.shape[1] * np.dtype(grad.dtype).itemsize
         rows = min((budget // 2) // (3 * row_bytes + extra_per_row), _MAX_BLOCK_BYTES // max(row_bytes, 1))
@@ -217,16 +221,15 @@ class Store(StoreReader):
         contributions). Returns (n_stops, n_cols, n).
         """
         stops = np.asarray(stops, dtype=np.int64).reshape(-1)
-        end = self._row_end(int(stops.max())) if stops.size else 0
         spans = self._spans()
         if engine == "dask":
-            return _dask_fast_pass(self, npg, stops, col, n_cols, end, block_rows, spans, progress)
+            return _dask_fast_pass(self, npg, stops, col, n_cols, block_rows, spans, progress)
         acc = torch.zeros(len(stops), n_cols, npg.shape[1], dtype=npg.dtype)
 
         def kernel(rows, samples, steps, coef, coef_steps):
             _contribution_block(acc, rows, samples, steps, coef, coef_steps, npg, col, spans, stops)
 
-        _log_pass(self, stops, end, block_rows, kernel, progress)
+        _log_pass(self, stops, block_rows, kernel, progress)
         return acc.numpy()
 
     # -- queries ----------------------------------------------------------------------------
@@ -259,7 +262,7 @@ class Store(StoreReader):
         n = len(inputs)
         block_rows = self._block_rows(budget, 2 * n * _itemsize(dtype) + 64)
         n_grad = -(-n // _GRAD_BATCH)
-        with _Progress(progress, n_grad + self._n_blocks(self._row_end(S), block_rows), "contributions") as bar:
+        with _Progress(progress, n_grad + self._log_blocks(S, block_rows), "contributions") as bar:
             npg = -self._projected(model, inputs, targets, c, loss_fn, dtype, bar)
             values = self._fast_pass(npg[None], [S], _positions(tracked, self.n_train), len(tracked),
                                      block_rows=block_rows, engine=engine, progress=bar)
@@ -305,7 +308,7 @@ class Store(StoreReader):
         dtype = self._dtype()
         block_rows = self._block_rows(budget, 2 * n * _itemsize(dtype) + 64 * C)
         n_grad = C * (-(-n // _GRAD_BATCH))
-        with _Progress(progress, n_grad + self._n_blocks(self._row_end(self.steps), block_rows), "trajectory") as bar:
+        with _Progress(progress, n_grad + self._log_blocks(self.steps, block_rows), "trajectory") as bar:
             npg = -torch.stack([self._projected(model, inputs, targets, c, loss_fn, dtype, bar) for c in range(C)])
             values = self._fast_pass(npg, steps, _positions(train_indices, self.n_train), len(train_indices),
                                      block_rows=block_rows, engine=engine, progress=bar)
@@ -392,8 +395,7 @@ class Store(StoreReader):
         block = max(1, min(len(tracked), (budget // 2) // max(1, 2 * k * _itemsize(dtype))))
         blocks = [tracked[a:a + block] for a in range(0, len(tracked), block)]
         block_rows = self._block_rows(budget // 2, 2 * k * _itemsize(dtype) + 64)
-        end = self._row_end(S)
-        total = sum(-(-len(b) // _GRAD_BATCH) for b in blocks) + len(blocks) * self._n_blocks(end, block_rows)
+        total = sum(-(-len(b) // _GRAD_BATCH) for b in blocks) + len(blocks) * self._log_blocks(S, block_rows)
         spans = self._spans()
         with _Progress(progress, total, "self_influence") as bar:
             for ids in blocks:
@@ -404,7 +406,7 @@ class Store(StoreReader):
                 def kernel(rows, samples, steps, coef, coef_steps):
                     _self_block(acc, rows, samples, steps, coef, coef_steps, ids, pg, spans)
 
-                _log_pass(self, np.asarray([S]), end, block_rows, kernel, bar)
+                _log_pass(self, np.asarray([S]), block_rows, kernel, bar)
                 out[ids] = -acc.numpy()
         return out
 
@@ -463,7 +465,7 @@ class Store(StoreReader):
         else:
             S = int(self.checkpoint_steps[c])
             block_rows = self._block_rows(budget, 2 * Cte * _itemsize(dtype) + 64)
-            with _Progress(progress, n_grad + self._n_blocks(self._row_end(S), block_rows), "class_matrix") as bar:
+            with _Progress(progress, n_grad + self._log_blocks(S, block_rows), "class_matrix") as bar:
                 pg = self._projected(model, test_inputs, test_targets, c, loss_fn, torch.float64, bar)
                 npg = -(onehot @ pg).to(dtype)  # summed per test class
                 sums = self._fast_pass(npg[None], [S], col, Ctr, block_rows=block_rows, engine=engine,
@@ -495,13 +497,12 @@ class Store(StoreReader):
         out = torch.zeros(len(uniq), self.projector.dim, dtype=dtype)
         spans = self._spans()
         block_rows = self._block_rows(budget, 64)
-        end = self._row_end(S)
 
         def kernel(rows, samples, steps, coef, coef_steps):
             _hypergradient_block(out, rows, samples, steps, coef, coef_steps, col, spans)
 
-        with _Progress(progress, self._n_blocks(end, block_rows), "hypergradients") as bar:
-            _log_pass(self, np.asarray([S]), end, block_rows, kernel, bar)
+        with _Progress(progress, self._log_blocks(S, block_rows), "hypergradients") as bar:
+            _log_pass(self, np.asarray([S]), block_rows, kernel, bar)
         same = len(uniq) == len(idx) and bool((uniq == idx).all())
         return out.numpy() if same else out.numpy()[inverse.reshape(-1)]
 
@@ -913,16 +914,24 @@ def _read_block(arrays, start: int, stop: int, buffer: np.ndarray | None):
     return samples, steps, np.asarray(grad[start:stop])
 
 
-def _log_pass(store: Store, stops: np.ndarray, end: int, block_rows: int, kernel, progress: _Progress | None) -> None:
-    """kernel(rows, samples, steps, coef, coef_steps) for each block of log rows [0, end), last block first.
+def _log_pass(store: Store, stops: np.ndarray, block_rows: int, kernel, progress: _Progress | None) -> None:
+    """kernel(rows, samples, steps, coef, coef_steps) for each block of log rows of steps < max(stops).
 
-    ``coef`` (n_stops, len(coef_steps), P) are the response coefficients at the block's distinct
-    steps. The next block is read in a background thread (into the other of two buffers) while
-    the kernel runs; ``rows`` is only valid during the kernel call.
+    Each log part (one per rank of a distributed run; one otherwise) is read last block first, so
+    that the response coefficients are computed by one backward sweep per part; ``coef``
+    (n_stops, len(coef_steps), P) are those at the block's distinct steps. The next block is read
+    in a background thread (into the other of two buffers) while the kernel runs; ``rows`` is
+    only valid during the kernel call.
     """
-    if end <= 0:
-        return
-    arrays = (store.array("log/sample"), store.array("log/step"), store.array("log/grad"))
+    top = int(stops.max()) if stops.size else 0
+    for part, end in zip(store.log_parts, store._part_ends(top)):
+        if end > 0:
+            _log_pass_part(store, part, stops, end, block_rows, kernel, progress)
+
+
+def _log_pass_part(store: Store, part: dict, stops: np.ndarray, end: int, block_rows: int, kernel,
+                   progress: _Progress | None) -> None:
+    arrays = (store.array(part["sample"]), store.array(part["step"]), store.array(part["grad"]))
     grad = arrays[2]
     sweep = _CoefficientSweep(_trace_arrays(store), stops)
     starts = list(range(0, end, block_rows))[::-1]
@@ -964,7 +973,7 @@ def _distributed_client():
     return owner if isinstance(owner, Client) else None
 
 
-def _dask_fast_pass(store: Store, npg: torch.Tensor, stops: np.ndarray, col: np.ndarray, n_cols: int, end: int,
+def _dask_fast_pass(store: Store, npg: torch.Tensor, stops: np.ndarray, col: np.ndarray, n_cols: int,
                     block_rows: int, spans, progress: _Progress | None) -> np.ndarray:
     import dask
     import dask.array as da
@@ -972,33 +981,40 @@ def _dask_fast_pass(store: Store, npg: torch.Tensor, stops: np.ndarray, col: np.
 
     n_stops, n = npg.shape[0], npg.shape[1]
     np_dtype = np.float64 if npg.dtype == torch.float64 else np.float32
-    if end <= 0:
+    top = int(stops.max()) if stops.size else 0
+    ends = store._part_ends(top)
+    if sum(ends) <= 0:
         return np.zeros((n_stops, n_cols, n), dtype=np_dtype)
     loc, opts = store._zarr_location()
     kw = {"storage_options": opts} if opts else {}
-    for name in ("log/sample", "log/step"):
-        store.array(name)  # committed chunks present (zarr would read missing ones as zeros)
-    k = store.array("log/grad").shape[1]
-    grad = da.from_zarr(loc, component="log/grad", chunks=(block_rows, k), **kw)[:end]
-    sample = da.from_zarr(loc, component="log/sample", chunks=(block_rows,), **kw)[:end]
-    step = da.from_zarr(loc, component="log/step", chunks=(block_rows,), **kw)[:end]
-    g_blocks, s_blocks, t_blocks = grad.to_delayed().ravel(), sample.to_delayed().ravel(), step.to_delayed().ravel()
-    # step range of each block, from trace/row_end (rows of step t are row_end[t-1]:row_end[t])
-    row_end = np.asarray(store.array("trace/row_end")[: int(stops.max())])
-    bounds = np.cumsum((0,) + grad.chunks[0])
-    sweep = _CoefficientSweep(_trace_arrays(store), stops)
     npg_d = dask.delayed(npg.numpy(), pure=True)
     col_d = dask.delayed(col, pure=True)
-    token = tokenize(loc, end, block_rows, npg.numpy(), col, stops)
-    tasks = [None] * len(g_blocks)
-    for b in range(len(g_blocks) - 1, -1, -1):  # last block first: the sweep runs backwards
-        lo = int(np.searchsorted(row_end, bounds[b], side="right"))
-        hi = int(np.searchsorted(row_end, bounds[b + 1] - 1, side="right")) + 1
-        coef_steps = np.arange(lo, hi, dtype=np.int64)
-        coef = sweep.at(coef_steps)
-        tasks[b] = dask.delayed(_dask_partial, pure=True)(
-            g_blocks[b], s_blocks[b], t_blocks[b], coef, coef_steps, npg_d, col_d, spans, stops, n_cols,
-            dask_key_name=f"hydra_nb-block-{token}-{b}")
+    token = tokenize(loc, ends, block_rows, npg.numpy(), col, stops)
+    tasks = []
+    for p, (part, end) in enumerate(zip(store.log_parts, ends)):
+        if end <= 0:
+            continue
+        for name in ("sample", "step"):
+            store.array(part[name])  # committed chunks present (zarr would read missing ones as zeros)
+        k = store.array(part["grad"]).shape[1]
+        grad = da.from_zarr(loc, component=part["grad"], chunks=(block_rows, k), **kw)[:end]
+        sample = da.from_zarr(loc, component=part["sample"], chunks=(block_rows,), **kw)[:end]
+        step = da.from_zarr(loc, component=part["step"], chunks=(block_rows,), **kw)[:end]
+        g_blocks, s_blocks, t_blocks = grad.to_delayed().ravel(), sample.to_delayed().ravel(), step.to_delayed().ravel()
+        # step range of each block, from row_end (rows of step t are row_end[t-1]:row_end[t])
+        row_end = np.asarray(store.array(part["row_end"])[:top])
+        bounds = np.cumsum((0,) + grad.chunks[0])
+        sweep = _CoefficientSweep(_trace_arrays(store), stops)
+        part_tasks = [None] * len(g_blocks)
+        for b in range(len(g_blocks) - 1, -1, -1):  # last block first: the sweep runs backwards
+            lo = int(np.searchsorted(row_end, bounds[b], side="right"))
+            hi = int(np.searchsorted(row_end, bounds[b + 1] - 1, side="right")) + 1
+            coef_steps = np.arange(lo, hi, dtype=np.int64)
+            coef = sweep.at(coef_steps)
+            part_tasks[b] = dask.delayed(_dask_partial, pure=True)(
+                g_blocks[b], s_blocks[b], t_blocks[b], coef, coef_steps, npg_d, col_d, spans, stops, n_cols,
+                dask_key_name=f"hydra_nb-block-{token}-{p}-{b}")
+        tasks += part_tasks
     client = _distributed_client()
     if client is not None:  # sum partials as they arrive: memory 2 × result on the client
         from distributed import as_completed

@@ -215,17 +215,20 @@ class StoreWriter:
     """
 
     def __init__(self, path: Path, group, meta: dict, log_rows: int, exact: bool, has_buffers: bool,
-                 lengths: dict[str, int], lock: WriterLock, queue_size: int = 32):
+                 lengths: dict[str, int], lock: WriterLock | None, queue_size: int = 32,
+                 part: dict | None = None, main: bool = True):
         self.path = path
         self.group = group
         self.meta = meta
+        self.part = part or log_part(None)
+        self.main = main  # writes the trace, checkpoints and run metadata (rank 0); other ranks their log only
         self.error: BaseException | None = None
         self.bytes_written = 0
         self.wait_seconds = 0.0  # time the training thread waited on a full queue
         self._lock = lock
         self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
         self._log_rows = log_rows
-        grad = group["log/grad"]
+        grad = group[self.part["grad"]]
         # write in batches of whole chunks (~8 MB): fewer, larger writes
         self._flush_rows = log_rows * max(1, _FLUSH_BYTES // (log_rows * grad.shape[1] * grad.dtype.itemsize))
         self._pending_rows: list[tuple] = []  # (samples, steps, rows)
@@ -234,8 +237,8 @@ class StoreWriter:
         self._trace_row_ends: list[int] = []
         self._arrays: dict[str, zarr.Array] = {}  # handles, so that appends skip the group lookup
         self._length: dict[str, int] = dict(lengths)  # rows written; arrays may be longer (capacity)
-        self._rows_total = lengths.get("log/grad", 0)
-        self._steps_total = lengths.get("trace/row_end", 0)
+        self._rows_total = lengths.get(self.part["grad"], 0)
+        self._steps_total = lengths.get(self.part["row_end"], 0)
         self._checkpoints = lengths.get("checkpoints/step", 0)
         self._exact = exact
         self._has_buffers = has_buffers
@@ -245,8 +248,12 @@ class StoreWriter:
     @classmethod
     def create(cls, path: Path, meta: dict, layout: ParamLayout, projector_arrays: dict[str, np.ndarray],
                log_width: int, log_dtype, param_dtype, buffer_size: int,
-               exact_indices: np.ndarray | None) -> "StoreWriter":
-        """Create a new run store at ``path`` (which ``prepare_path`` checked) and take its writer lock."""
+               exact_indices: np.ndarray | None, world_size: int = 1) -> "StoreWriter":
+        """Create a new run store at ``path`` (which ``prepare_path`` checked) and take its writer lock.
+
+        With ``world_size`` W > 1 (distributed training, called on rank 0) the log is created as W
+        parts, one per rank; the other ranks then attach with :meth:`attach_rank`.
+        """
         lock = WriterLock(path)
         lock.acquire(meta["run_id"])
         try:
@@ -254,20 +261,27 @@ class StoreWriter:
             index_rows = 1 << 16
             g = zarr.open_group(str(path), mode="a")
             P, D = len(layout.slots), layout.size
-            _create(g, "log/sample", shape=(0,), chunks=(index_rows,), dtype="int64", dimension_names=["row"])
-            _create(g, "log/step", shape=(0,), chunks=(index_rows,), dtype="int64", dimension_names=["row"])
-            # projected gradients are noise-like floats: lz4/zstd saved 6-8% of their size at twice the write
-            # cost (measured), so they are stored uncompressed; everything else is compressed
-            _create(g, "log/grad", shape=(0, log_width), chunks=(log_rows, log_width), dtype=log_dtype,
-                           dimension_names=["row", "projected"], compressors=None)
+            parts = [log_part(None)] if world_size == 1 else [log_part(r) for r in range(world_size)]
+            for part in parts:
+                _create(g, part["sample"], shape=(0,), chunks=(index_rows,), dtype="int64", dimension_names=["row"])
+                _create(g, part["step"], shape=(0,), chunks=(index_rows,), dtype="int64", dimension_names=["row"])
+                # projected gradients are noise-like floats: lz4/zstd saved 6-8% of their size at twice the
+                # write cost (measured), so they are stored uncompressed; everything else is compressed
+                _create(g, part["grad"], shape=(0, log_width), chunks=(log_rows, log_width), dtype=log_dtype,
+                        dimension_names=["row", "projected"], compressors=None)
+                if part["group"] is not None:
+                    _create(g, part["row_end"], shape=(0,), chunks=(_TRACE_CHUNK,), dtype="int64",
+                            dimension_names=["step"])
+                    g[part["group"]].attrs["committed"] = {"steps": 0, "rows": 0}
             for f in ("lr", "momentum", "dampening", "weight_decay"):
                 _create(g, f"trace/{f}", shape=(0, P), chunks=(_TRACE_CHUNK, P), dtype="float64",
                                dimension_names=["step", "param"])
             for f in ("nesterov", "first", "active"):
                 _create(g, f"trace/{f}", shape=(0, P), chunks=(_TRACE_CHUNK, P), dtype="bool",
                                dimension_names=["step", "param"])
-            _create(g, "trace/row_end", shape=(0,), chunks=(_TRACE_CHUNK,), dtype="int64",
-                           dimension_names=["step"])
+            if world_size == 1:
+                _create(g, "trace/row_end", shape=(0,), chunks=(_TRACE_CHUNK,), dtype="int64",
+                        dimension_names=["step"])
             _create(g, "checkpoints/step", shape=(0,), chunks=(1024,), dtype="int64",
                            dimension_names=["checkpoint"])
             d_chunk = min(D, 1 << 20)
@@ -287,12 +301,21 @@ class StoreWriter:
                     _create(g, f"exact/{name}", shape=(0, m, D), chunks=(1, rows, d_chunk), dtype=param_dtype,
                                    dimension_names=["checkpoint", "sample", "parameter"], compressors=[_FLOAT_CODEC])
             meta.update({"committed": {"steps": 0, "rows": 0, "checkpoints": 0}, "status": "running",
-                         "status_detail": "", "updated": _now()})
+                         "status_detail": "", "updated": _now(), "world_size": int(world_size)})
             g.attrs["hydra_nb"] = meta
         except BaseException:
             lock.release()
             raise
-        return cls(path, g, meta, log_rows, exact_indices is not None, bool(buffer_size), {}, lock)
+        return cls(path, g, meta, log_rows, exact_indices is not None, bool(buffer_size), {}, lock,
+                   part=parts[0])
+
+    @classmethod
+    def attach_rank(cls, path: Path, rank: int) -> "StoreWriter":
+        """The writer of rank ``rank`` > 0 of a distributed run whose store rank 0 created: its log part only."""
+        g = zarr.open_group(str(path), mode="r+")
+        meta = g.attrs.asdict()["hydra_nb"]
+        part = log_part(rank)
+        return cls(path, g, meta, g[part["grad"]].chunks[0], False, False, {}, None, part=part, main=False)
 
     @classmethod
     def reopen(cls, path: Path) -> "StoreWriter":
@@ -341,11 +364,16 @@ class StoreWriter:
                    None if buffers is None else to_host(buffers, copy=True),
                    None if h is None else to_host(h, copy=True), None if b is None else to_host(b, copy=True)))
 
+    def put_commit(self, step: int) -> None:
+        """A log-only writer (rank > 0): everything through ``step`` is written; commit this rank's part."""
+        self._put(("checkpoint", step, None, None, None, None))
+
     def close(self, status: str, detail: str = "") -> None:
         """Flush, commit and record the run's final status; waits for the writer thread."""
         self._put(("close", status, detail))
         self._thread.join()
-        self._lock.release()
+        if self._lock is not None:
+            self._lock.release()
 
     @property
     def backlog(self) -> int:
@@ -398,18 +426,19 @@ class StoreWriter:
             steps = np.concatenate([t for _, t, _ in self._pending_rows])
             rows = np.concatenate([r for _, _, r in self._pending_rows])
             n = len(samples) if all_rows else (len(samples) // self._log_rows) * self._log_rows
-            self._append("log/sample", samples[:n])
-            self._append("log/step", steps[:n])
-            self._append("log/grad", rows[:n])
+            self._append(self.part["sample"], samples[:n])
+            self._append(self.part["step"], steps[:n])
+            self._append(self.part["grad"], rows[:n])
             self.bytes_written += rows[:n].nbytes + 16 * n
             self._rows_total += n
             rest = (samples[n:], steps[n:], rows[n:])
             self._pending_rows = [rest] if len(rest[0]) else []
             self._pending_count = len(rest[0])
         if all_rows and self._pending_trace:
-            for f in self._pending_trace[0]:
-                self._append(f"trace/{f}", np.stack([r[f] for r in self._pending_trace]))
-            self._append("trace/row_end", np.asarray(self._trace_row_ends, dtype=np.int64))
+            if self.main:
+                for f in self._pending_trace[0]:
+                    self._append(f"trace/{f}", np.stack([r[f] for r in self._pending_trace]))
+            self._append(self.part["row_end"], np.asarray(self._trace_row_ends, dtype=np.int64))
             self._steps_total += len(self._pending_trace)
             self._pending_trace = []
             self._trace_row_ends = []
@@ -418,6 +447,9 @@ class StoreWriter:
         self._flush(all_rows=True)
         if step != self._steps_total:  # pragma: no cover - a tracker bug, never silently accepted
             raise StoreError(f"checkpoint at step {step} but {self._steps_total} steps were written")
+        if not self.main:
+            self._commit()
+            return
         params = _numpy(params_item)
         self._append("checkpoints/params", params[None])
         if self._has_buffers:
@@ -458,6 +490,10 @@ class StoreWriter:
                 arr.resize((self._length[name], *arr.shape[1:]))
 
     def _commit(self, status: str | None = None, detail: str = "") -> None:
+        if self.part["group"] is not None:  # this rank's log part: its own marker, written by this rank only
+            self.group[self.part["group"]].attrs["committed"] = {"steps": self._steps_total, "rows": self._rows_total}
+        if not self.main:
+            return
         self.meta["committed"] = {"steps": self._steps_total, "rows": self._rows_total,
                                   "checkpoints": self._checkpoints}
         if status is not None:
@@ -482,6 +518,20 @@ class _CheckedArray:
 
     def __getattr__(self, name):
         return getattr(self._arr, name)
+
+
+def log_part(rank: int | None) -> dict[str, str | None]:
+    """Array names of one rank's per-sample log; ``rank=None`` is a single-process run's log.
+
+    A distributed run (world size W > 1) has one part per rank, ``log/rank{r}/{sample,step,grad,row_end}``,
+    each written by its own rank only; its commit marker is that part's group attribute ``committed``.
+    """
+    if rank is None:
+        return {"sample": "log/sample", "step": "log/step", "grad": "log/grad", "row_end": "trace/row_end",
+                "group": None}
+    prefix = f"log/rank{rank}"
+    return {"sample": f"{prefix}/sample", "step": f"{prefix}/step", "grad": f"{prefix}/grad",
+            "row_end": f"{prefix}/row_end", "group": prefix}
 
 
 _REQUIRED = ["log/sample", "log/step", "log/grad", "trace/row_end", "checkpoints/step", "checkpoints/params",
@@ -548,16 +598,30 @@ class StoreReader:
                 f"up to {SCHEMA_VERSION}. Upgrade hydra_nb to read it.")
         self.meta = meta
         self.where = where
-        missing = [n for n in _REQUIRED if n not in self.group]
+        self.world_size = int(meta.get("world_size", 1))
+        self.log_parts = [log_part(None)] if self.world_size == 1 else [log_part(r) for r in range(self.world_size)]
+        required = _REQUIRED if self.world_size == 1 else [
+            n for n in _REQUIRED if not n.startswith("log/") and n != "trace/row_end"
+        ] + [part[key] for part in self.log_parts for key in ("sample", "step", "grad", "row_end")]
+        missing = [n for n in required if n not in self.group]
         if missing:
             raise StoreError(f"The store at {where!r} is damaged: missing array(s) {', '.join(missing)}.")
         self.layout = ParamLayout.from_json(meta["params"])
         committed = meta["committed"]
-        self._n_checkpoints = int(committed["checkpoints"])
+        # a distributed run's steps count once every rank has committed its log up to them
+        self._part_committed = [
+            {"steps": int(committed["steps"]), "rows": int(committed["rows"])} if part["group"] is None
+            else {k: int(v) for k, v in self.group[part["group"]].attrs.asdict().get("committed", {}).items()}
+            for part in self.log_parts
+        ]
+        usable = min([int(committed["steps"])] + [c.get("steps", 0) for c in self._part_committed])
+        self._verified: set[str] = set()
+        n_ckpt = int(committed["checkpoints"])
+        steps = self._read("checkpoints/step", slice(0, n_ckpt)) if n_ckpt else np.zeros(0, dtype=np.int64)
+        self._n_checkpoints = int((steps <= usable).sum())
         if self._n_checkpoints == 0:
             raise StoreError(f"The store at {where!r} has no committed checkpoint yet.")
-        self._verified: set[str] = set()
-        self.checkpoint_steps = self._read("checkpoints/step", slice(0, self._n_checkpoints))
+        self.checkpoint_steps = steps[: self._n_checkpoints]
         self.steps = int(self.checkpoint_steps[-1])
         self._projector: Projector | None = None
 
@@ -576,6 +640,11 @@ class StoreReader:
         return _CheckedArray(arr, name, self.where)
 
     def _committed_length(self, name: str) -> int:
+        for part, committed in zip(self.log_parts, self._part_committed):
+            if name in (part["sample"], part["step"], part["grad"]):
+                return committed.get("rows", 0)
+            if name == part["row_end"]:
+                return committed.get("steps", 0)
         head = name.split("/")[0]
         c = self.meta["committed"]
         if head == "log":
@@ -691,14 +760,16 @@ class StoreReader:
         return c
 
     def log_chunks(self, before_step: int):
-        """Yield (samples, steps, rows) of the per-sample log for steps < ``before_step``, chunk by chunk."""
+        """Yield (samples, steps, rows) of the per-sample log for steps < ``before_step``, block by block
+        (~16 MB of whole chunks), rank by rank for a distributed run (each rank's rows in step order)."""
         if before_step <= 0:
             return
-        end = int(self._read("trace/row_end", before_step - 1))
-        grad = self.group["log/grad"]
-        row_bytes = grad.shape[1] * grad.dtype.itemsize
-        size = grad.chunks[0] * max(1, (16 << 20) // (grad.chunks[0] * row_bytes))  # ~16 MB of whole chunks
-        for start in range(0, end, size):
-            stop = min(start + size, end)
-            yield (self._read("log/sample", slice(start, stop)), self._read("log/step", slice(start, stop)),
-                   self._read("log/grad", slice(start, stop)))
+        for part in self.log_parts:
+            end = int(self._read(part["row_end"], before_step - 1))
+            grad = self.group[part["grad"]]
+            row_bytes = grad.shape[1] * grad.dtype.itemsize
+            size = grad.chunks[0] * max(1, (16 << 20) // (grad.chunks[0] * row_bytes))
+            for start in range(0, end, size):
+                stop = min(start + size, end)
+                yield (self._read(part["sample"], slice(start, stop)), self._read(part["step"], slice(start, stop)),
+                       self._read(part["grad"], slice(start, stop)))

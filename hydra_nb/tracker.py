@@ -17,6 +17,7 @@ from typing import Callable
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -55,6 +56,15 @@ class Tracker:
                  on_step: Callable[["Tracker"], None] | None = None, resume: bool = False):
         if not isinstance(model, nn.Module):
             raise TrackingConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
+        self.wrapper, self.rank, self.world_size = None, 0, 1
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            # each rank tracks its own samples into its own log part; rank 0 writes the rest
+            self.wrapper, model = model, model.module
+            self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        elif dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            raise TrackingConfigError(
+                "torch.distributed is initialized but the model is not wrapped in DistributedDataParallel: "
+                "hydra_nb tracks distributed training through DDP. Pass the DDP-wrapped model.")
         validate_optimizer(optimizer)
         if mode not in ("fast", "exact"):
             raise TrackingConfigError(f"mode must be 'fast' or 'exact', got {mode!r}.")
@@ -91,6 +101,11 @@ class Tracker:
         if on_step is not None and not callable(on_step):
             raise TrackingConfigError("on_step must be a callable taking the Tracker.")
         self.on_step = on_step
+        if self.world_size > 1 and mode == "exact":
+            raise TrackingConfigError("exact mode does not support distributed training (its Hessian-vector "
+                                      "products need every rank's batch). Use mode='fast'.")
+        if self.world_size > 1 and resume:
+            raise TrackingConfigError("resume=True does not support distributed training yet: start a new run.")
         if resume and overwrite:
             raise TrackingConfigError("resume=True and overwrite=True exclude each other: pick one.")
         self.resume = bool(resume)
@@ -144,7 +159,14 @@ class Tracker:
     # -- context manager --------------------------------------------------------------------
     def __enter__(self) -> "Tracker":
         device = self.params[0].device
-        path = prepare_path(self.path, self.overwrite, self.resume)
+        if self.rank == 0:
+            try:
+                path = prepare_path(self.path, self.overwrite, self.resume)
+            except TrackingConfigError as exc:
+                self._share_outcome(str(exc))
+                raise
+        else:
+            path = self.path
         previous = self._check_resumable(path) if self.resume else None
         if previous is not None:
             self.log_projector = previous.projector.to(dtype=self.compute_dtype)
@@ -181,10 +203,22 @@ class Tracker:
             }
             meta = new_run_meta(self.mode, self.n_train, self.layout, self.log_projector.to_json(), config,
                                 buffers_meta)
-            self.writer = StoreWriter.create(path, meta, self.layout, self.log_projector.arrays(),
-                                             self.log_projector.dim, self.log_dtype,
-                                             np.dtype(str(self.compute_dtype).replace("torch.", "")), offset,
-                                             self.tracked)
+            if self.rank == 0:
+                meta["world_size"] = self.world_size
+                try:
+                    self.writer = StoreWriter.create(path, meta, self.layout, self.log_projector.arrays(),
+                                                     self.log_projector.dim, self.log_dtype,
+                                                     np.dtype(str(self.compute_dtype).replace("torch.", "")), offset,
+                                                     self.tracked, world_size=self.world_size)
+                except BaseException as exc:
+                    self._share_outcome(f"rank 0 could not create the store: {exc!r}")
+                    raise
+                self._share_outcome(None)
+            else:
+                problem = self._share_outcome(None)  # rank 0 creates the store first
+                if problem is not None:
+                    raise TrackingConfigError(problem)
+                self.writer = StoreWriter.attach_rank(path, self.rank)
         self.capture = GradientCapture(self.model, self.params, capture_projector, self.tap,
                                        keep_root_calls=self.mode == "exact")
         if previous is None:
@@ -196,11 +230,14 @@ class Tracker:
             self._handles.append(self.optimizer.register_step_post_hook(self._after_step))
             self._patch_zero_grad(self.optimizer)
             self._patch_zero_grad(self.model)
+            if self.wrapper is not None:
+                self._patch_zero_grad(self.wrapper)
         except BaseException:
             self._detach()
             self.writer.close("failed", "could not attach hooks")
             raise
         self._n_groups = len(self.optimizer.param_groups)
+        self._first_step = self.step
         self.active = True
         self.stats["started"] = time.perf_counter()
         return self
@@ -211,6 +248,14 @@ class Tracker:
         elif self.active:
             self._stop("interrupted", f"{exc_type.__name__} in the training loop at step {self.step}")
         return False
+
+    def _share_outcome(self, problem: str | None) -> str | None:
+        """Distributed runs: rank 0 tells every rank whether the store is ready (or why not)."""
+        if self.world_size == 1:
+            return problem
+        box = [problem]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
 
     def _check_resumable(self, path):
         """The interrupted run at ``path``, if this tracker can continue it; else a clear error."""
@@ -281,6 +326,8 @@ class Tracker:
         self.tap.on_epoch_end = None  # break tracker ↔ tap: the loader (and its workers) can then be freed
 
     def _should_check(self) -> bool:
+        if self.world_size > 1:  # a collective: only where every rank certainly is (a rank may stop later)
+            return self.step == self._first_step
         return self.params[0].device.type == "cpu" or self.step < 3 or self.step % 100 == 0
 
     def _before_step(self, optimizer, args, kwargs) -> None:
@@ -306,7 +353,7 @@ class Tracker:
             passes = self.capture.take()
             if self._should_check():
                 try:
-                    passes, _ = self.capture.check(passes, _rtol(self.compute_dtype))
+                    passes, _ = self.capture.check(passes, _rtol(self.compute_dtype), self.world_size)
                 except TrackingFailure as exc:
                     if self.step == 0:  # from the first step on: the loop itself does something untrackable
                         raise TrackingConfigError(str(exc)) from None
@@ -315,6 +362,8 @@ class Tracker:
             if passes:
                 samples = torch.cat([p.indices for p in passes])
                 rows = torch.cat([p.buf for p in passes])
+                if self.world_size > 1:  # DDP averages the ranks' gradients: each sample enters .grad over W
+                    rows = rows / self.world_size
             else:
                 samples = torch.zeros(0, dtype=torch.int64)
                 rows = None
@@ -367,6 +416,10 @@ class Tracker:
 
     def _checkpoint(self) -> None:
         start = time.perf_counter()
+        if self.rank > 0:  # rank 0 stores the parameters; this rank commits its log part up to here
+            self.writer.put_commit(self.step)
+            self._last_checkpoint = self.step
+            return
         params = self.layout.flatten([p.detach().to(self.compute_dtype) for p in self.params])
         buffers = torch.cat([b.detach().reshape(-1).to(torch.float64) for _, b in self._buffers]) if self._buffers else None
         h = self.exact.h if self.exact is not None else None
