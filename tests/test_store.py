@@ -257,3 +257,19 @@ def test_corrupted_compressed_chunk_is_an_error_not_wrong_numbers(finished):
     chunk.write_bytes(bytes(raw))
     with pytest.raises(StoreError, match="checkpoints/params could not be read.*checksum"):
         hydra_nb.open_store(finished).contributions(store_run.model(), TEST_X, TEST_Y)
+
+
+def test_store_at_an_fsspec_url_answers_with_both_engines(finished):
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    for p in finished.rglob("*"):  # the store, copied to an in-memory object store
+        if p.is_file() and p.name != "hydra_nb.lock":
+            fs.pipe(f"/runs/a.zarr/{p.relative_to(finished).as_posix()}", p.read_bytes())
+    remote = hydra_nb.open_store("memory://runs/a.zarr")
+    assert not remote.is_local and remote.status == "complete" and remote.writer is None
+    local = hydra_nb.open_store(finished)
+    want = local.contributions(store_run.model(), TEST_X, TEST_Y)
+    for engine in ("numpy", "dask"):
+        got = remote.contributions(store_run.model(), TEST_X, TEST_Y, engine=engine, progress=False)
+        np.testing.assert_allclose(got, want, rtol=1e-12)
