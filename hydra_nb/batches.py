@@ -212,3 +212,52 @@ def validate_loader(loader) -> None:
         len(loader.dataset)
     except TypeError:
         raise TrackingConfigError("The DataLoader's dataset has no len(); hydra_nb needs the dataset size.") from None
+
+
+class ModelInputs:
+    """What a model is called with, for a batch of samples: a tensor ``x`` (``model(x)``), a tuple of
+    tensors (``model(*xs)``) or a dict of tensors (``model(**kw)``), all with the samples on dim 0."""
+
+    def __init__(self, value):
+        if isinstance(value, ModelInputs):
+            value = value.value
+        if isinstance(value, dict):
+            self.kind, leaves = "dict", list(value.values())
+        elif isinstance(value, (tuple, list)) and value and all(torch.is_tensor(v) for v in value):
+            self.kind, leaves = "tuple", list(value)
+        else:
+            self.kind, value = "tensor", torch.as_tensor(value)
+            leaves = [value]
+        if not leaves or not all(torch.is_tensor(t) and t.dim() > 0 for t in leaves):
+            raise ValueError("model inputs must be a tensor, a tuple of tensors or a dict of tensors, each with the "
+                             "samples on its first dimension.")
+        n = {t.shape[0] for t in leaves}
+        if len(n) != 1:
+            raise ValueError(f"the tensors of the model inputs disagree on the number of samples: {sorted(n)}.")
+        self.value = value
+        self._n = n.pop()
+
+    def __len__(self) -> int:
+        return self._n
+
+    def map(self, fn) -> "ModelInputs":
+        if self.kind == "dict":
+            return ModelInputs({k: fn(v) for k, v in self.value.items()})
+        if self.kind == "tuple":
+            return ModelInputs(tuple(fn(v) for v in self.value))
+        return ModelInputs(fn(self.value))
+
+    def __getitem__(self, selection) -> "ModelInputs":
+        return self.map(lambda t: t[selection])
+
+    def leaves(self) -> list[torch.Tensor]:
+        return list(self.value.values()) if self.kind == "dict" else list(self.value) if self.kind == "tuple" \
+            else [self.value]
+
+    def rebuild(self, leaves) -> tuple[tuple, dict]:
+        """(args, kwargs) for calling the model with these leaves in place of this batch's tensors."""
+        if self.kind == "dict":
+            return (), dict(zip(self.value.keys(), leaves))
+        if self.kind == "tuple":
+            return tuple(leaves), {}
+        return (leaves[0],), {}

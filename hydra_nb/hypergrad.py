@@ -212,7 +212,8 @@ def batch_targets(batch):
                 return batch[key]
     raise TrackingConfigError(
         "exact mode needs the targets of each batch to compute Hessian-vector products: the loader must "
-        "yield (inputs, targets, ...) tuples or dicts with a 'labels' or 'targets' entry.")
+        "yield (inputs, targets, ...) tuples or dicts with a 'labels' or 'targets' entry, or pass "
+        "batch_fn=lambda batch: (inputs, targets) to hydra_nb.track.")
 
 
 def loss_weights(output: torch.Tensor, output_grad: torch.Tensor, targets: torch.Tensor, loss_fn,
@@ -247,16 +248,27 @@ def loss_weights(output: torch.Tensor, output_grad: torch.Tensor, targets: torch
     return c.detach()
 
 
-def make_batch_loss(model: nn.Module, passes, loss_fn, rtol: float):
-    """L_t(θ) = Σ_passes Σ_b c_b·loss_fn(model(x; θ)_b, y_b), a function of {name: tensor}."""
+def make_batch_loss(model: nn.Module, passes, loss_fn, rtol: float, batch_fn=None):
+    """L_t(θ) = Σ_passes Σ_b c_b·loss_fn(model(x; θ)_b, y_b), a function of {name: tensor}.
+
+    The targets y come from each loader batch: ``batch_fn(batch)[1]`` if given, else ``batch_targets``.
+    """
     terms = []
     for p in passes:
-        targets = batch_targets(p.batch)
+        targets = batch_fn(p.batch)[1] if batch_fn is not None else batch_targets(p.batch)
         for call in p.root_calls:
             if call.output_grad is None:
                 continue
             y = targets.to(call.output.device) if torch.is_tensor(targets) else targets
-            c = loss_weights(call.output, call.output_grad, y, loss_fn, rtol)
+            try:
+                c = loss_weights(call.output, call.output_grad, y, loss_fn, rtol)
+            except TrackingConfigError:
+                raise
+            except Exception as exc:
+                raise TrackingConfigError(
+                    f"exact mode: loss_fn failed on the model's outputs and the batch's targets ({exc}). The targets "
+                    "are taken as the second element of each batch (or its 'labels'/'targets' entry); if that is "
+                    "not so, pass batch_fn=lambda batch: (inputs, targets).") from exc
             terms.append((call, y, c))
     if any(p.root_calls == [] for p in passes):
         raise TrackingConfigError(

@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .batches import ModelInputs
 from .hypergrad import TRACE_FIELDS, transitions
 from .params import ParamLayout
 from .store import StoreReader
@@ -640,25 +641,33 @@ def _fmt_bytes(n: float) -> str:
 
 
 def _pair(inputs, targets):
-    inputs, targets = torch.as_tensor(inputs), torch.as_tensor(targets)
-    if inputs.shape[0] != targets.shape[0]:
-        raise ValueError(f"inputs ({inputs.shape[0]}) and targets ({targets.shape[0]}) differ in length.")
+    """Test points: model inputs (a tensor, a tuple or a dict of tensors, see ``ModelInputs``) and targets."""
+    inputs, targets = ModelInputs(inputs), torch.as_tensor(targets)
+    if len(inputs) != targets.shape[0]:
+        raise ValueError(f"inputs ({len(inputs)}) and targets ({targets.shape[0]}) differ in length.")
     return inputs, targets
 
 
 def _is_pair(dataset) -> bool:
-    return isinstance(dataset, (tuple, list)) and len(dataset) == 2 and all(hasattr(t, "shape") for t in dataset)
+    """An (inputs, targets) pair: inputs a tensor, a tuple of tensors or a dict of tensors."""
+    if not (isinstance(dataset, (tuple, list)) and len(dataset) == 2 and hasattr(dataset[1], "shape")):
+        return False
+    try:
+        ModelInputs(dataset[0])
+    except (ValueError, TypeError, RuntimeError):
+        return False
+    return True
 
 
 def _dataset_len(dataset) -> int:
-    return len(dataset[0]) if _is_pair(dataset) else len(dataset)
+    return len(ModelInputs(dataset[0])) if _is_pair(dataset) else len(dataset)
 
 
 def _dataset_items(dataset, ids: np.ndarray):
     """(inputs, targets) of the samples ``ids`` of a torch Dataset of (x, y) or a pair of tensors."""
     if _is_pair(dataset):
         idx = torch.from_numpy(np.asarray(ids, dtype=np.int64))
-        return torch.as_tensor(dataset[0])[idx], torch.as_tensor(dataset[1])[idx]
+        return ModelInputs(dataset[0])[idx], torch.as_tensor(dataset[1])[idx]
     items = [dataset[int(i)] for i in ids]
     xs = torch.stack([torch.as_tensor(it[0]) for it in items])
     ys = torch.stack([torch.as_tensor(it[1]) for it in items])
@@ -1074,30 +1083,29 @@ def test_gradients(model: nn.Module, layout: ParamLayout, flat_params: np.ndarra
                 n *= s
             fixed[b["name"]] = torch.from_numpy(flat_buffers[b["offset"]: b["offset"] + n]).reshape(b["shape"]).to(
                 device=device, dtype=named[b["name"]].dtype)
-    inputs = torch.as_tensor(inputs).to(device)
+    inputs = ModelInputs(inputs).map(lambda t: t.to(device=device, dtype=dtype if t.is_floating_point() else None))
     targets = torch.as_tensor(targets).to(device)
-    if inputs.shape[0] != targets.shape[0]:
-        raise ValueError(f"inputs ({inputs.shape[0]}) and targets ({targets.shape[0]}) differ in length.")
-    if inputs.is_floating_point():
-        inputs = inputs.to(dtype)
+    if len(inputs) != targets.shape[0]:
+        raise ValueError(f"inputs ({len(inputs)}) and targets ({targets.shape[0]}) differ in length.")
     was_training = model.training
     model.eval()
     try:
-        def loss_one(params, x, y):
-            out = torch.func.functional_call(model, {**params, **fixed}, (x.unsqueeze(0),))
+        def loss_one(params, leaves, y):
+            args, kwargs = inputs.rebuild([t.unsqueeze(0) for t in leaves])
+            out = torch.func.functional_call(model, {**params, **fixed}, args, kwargs)
             return loss_fn(out, y.unsqueeze(0)).sum()
 
         vmapped = torch.func.vmap(torch.func.grad(loss_one), in_dims=(None, 0, 0))
         one = torch.func.grad(loss_one)
 
-        def looped(params, xs, ys):  # for models or losses vmap cannot batch (e.g. F.one_hot)
-            gs = [one(params, x, y) for x, y in zip(xs, ys)]
+        def looped(params, leaves, ys):  # for models or losses vmap cannot batch (e.g. F.one_hot)
+            gs = [one(params, [t[i] for t in leaves], ys[i]) for i in range(len(ys))]
             return {name: torch.stack([g[name] for g in gs]) for name in params}
 
         per_sample = vmapped
         rows = []
-        for start in range(0, inputs.shape[0], batch_size):
-            xs, ys = inputs[start:start + batch_size], targets[start:start + batch_size]
+        for start in range(0, len(inputs), batch_size):
+            xs, ys = inputs[start:start + batch_size].leaves(), targets[start:start + batch_size]
             try:
                 g = per_sample(theta, xs, ys)
             except RuntimeError:

@@ -53,7 +53,8 @@ class Tracker:
                  projection_dim: int | None = 1024, exact_indices=None, loss_fn: Callable | None = None,
                  checkpoint_every: str | int = "epoch", *, seed: int = 0, store_dtype: str | None = None,
                  overwrite: bool = False, strict: bool = False, hvp_batch: int = 32,
-                 on_step: Callable[["Tracker"], None] | None = None, resume: bool = False):
+                 on_step: Callable[["Tracker"], None] | None = None, resume: bool = False,
+                 batch_fn: Callable | None = None):
         if not isinstance(model, nn.Module):
             raise TrackingConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
         self.wrapper, self.rank, self.world_size = None, 0, 1
@@ -101,6 +102,9 @@ class Tracker:
         if on_step is not None and not callable(on_step):
             raise TrackingConfigError("on_step must be a callable taking the Tracker.")
         self.on_step = on_step
+        if batch_fn is not None and not callable(batch_fn):
+            raise TrackingConfigError("batch_fn must be a callable: loader batch -> (inputs, targets).")
+        self.batch_fn = batch_fn
         if self.world_size > 1 and mode == "exact":
             raise TrackingConfigError("exact mode does not support distributed training (its Hessian-vector "
                                       "products need every rank's batch). Use mode='fast'.")
@@ -369,7 +373,8 @@ class Tracker:
                 rows = None
             if self.exact is not None:
                 self.capture.suspended = True
-                batch_loss = make_batch_loss(self.model, passes, self.loss_fn, _rtol(self.compute_dtype))
+                batch_loss = make_batch_loss(self.model, passes, self.loss_fn, _rtol(self.compute_dtype),
+                                             self.batch_fn)
                 exact_touched = True
                 if rows is not None:
                     self.exact.step(trace_row, samples, rows, batch_loss)
@@ -505,6 +510,8 @@ def track(model: nn.Module, loader, store, optimizer, mode: str = "fast", projec
             resume: continue the run already at ``store`` (interrupted, or complete and trained further):
             same model, dataset and options, with the model's parameters at the run's last checkpoint
             (``open_store(store).load_params(model)``); steps continue from there.
+            batch_fn: exact mode, for loader batches that are neither (inputs, targets, …) tuples nor dicts
+            with a ``labels``/``targets`` entry: ``batch -> (inputs, targets)``.
             on_step: called with the Tracker after every tracked optimizer step (progress displays);
             ``tracker.stats`` holds steps, rows, tracking_seconds (time inside hydra_nb's hooks),
             bytes_written (per-sample data and checkpoints handed to the store, before compression),
