@@ -178,8 +178,17 @@ class Store(StoreReader):
         """Blocks of ``block_rows`` a pass over the log of steps < ``step`` reads."""
         return sum(self._n_blocks(end, block_rows) for end in self._part_ends(step))
 
-    def _gradient_batches(self, model, inputs, targets, c: int, loss_fn, batch: int = _GRAD_BATCH):
+    @property
+    def _grad_batch(self) -> int:
+        """Test or training samples differentiated at a time: at most 256, and their full gradients
+        (with vmap's temporaries, ~3 copies) within half the default memory budget — a 100M-parameter
+        model gets one at a time instead of 256 (which would need ~300 GB)."""
+        per_sample = 3 * self.layout.size * 4
+        return int(max(1, min(_GRAD_BATCH, (DEFAULT_MEMORY_BUDGET // 2) // max(per_sample, 1))))
+
+    def _gradient_batches(self, model, inputs, targets, c: int, loss_fn, batch: int | None = None):
         """Yield ∇θ L(z; θ_c) for ``inputs``/``targets`` in batches (flat rows, parameters read once)."""
+        batch = batch or self._grad_batch
         params, buffers = self.params_at(c), self._buffers_at(c)
         loss = self._loss(loss_fn)
         n = len(inputs)
@@ -262,7 +271,7 @@ class Store(StoreReader):
         S = int(self.checkpoint_steps[c])
         n = len(inputs)
         block_rows = self._block_rows(budget, 2 * n * _itemsize(dtype) + 64)
-        n_grad = -(-n // _GRAD_BATCH)
+        n_grad = -(-n // self._grad_batch)
         with _Progress(progress, n_grad + self._log_blocks(S, block_rows), "contributions") as bar:
             npg = -self._projected(model, inputs, targets, c, loss_fn, dtype, bar)
             values = self._fast_pass(npg[None], [S], _positions(tracked, self.n_train), len(tracked),
@@ -297,7 +306,7 @@ class Store(StoreReader):
         if mode == "exact":
             slots = pos[train_indices]
             values = np.empty((n, C, len(train_indices)))
-            with _Progress(progress, C * (-(-n // _GRAD_BATCH)), "trajectory") as bar:
+            with _Progress(progress, C * (-(-n // self._grad_batch)), "trajectory") as bar:
                 for c in range(C):
                     h = torch.from_numpy(_take_rows(self.array("exact/h"), c, slots))
                     start = 0
@@ -308,7 +317,7 @@ class Store(StoreReader):
             return steps, values
         dtype = self._dtype()
         block_rows = self._block_rows(budget, 2 * n * _itemsize(dtype) + 64 * C)
-        n_grad = C * (-(-n // _GRAD_BATCH))
+        n_grad = C * (-(-n // self._grad_batch))
         with _Progress(progress, n_grad + self._log_blocks(self.steps, block_rows), "trajectory") as bar:
             npg = -torch.stack([self._projected(model, inputs, targets, c, loss_fn, dtype, bar) for c in range(C)])
             values = self._fast_pass(npg, steps, _positions(train_indices, self.n_train), len(train_indices),
@@ -380,7 +389,7 @@ class Store(StoreReader):
             block = max(1, min(len(tracked), (budget // 2) // max(1, 3 * D * _itemsize(dtype))))
             pos = _positions(self.tracked_indices, N)
             blocks = [tracked[a:a + block] for a in range(0, len(tracked), block)]
-            with _Progress(progress, sum(-(-len(b) // _GRAD_BATCH) for b in blocks), "self_influence") as bar:
+            with _Progress(progress, sum(-(-len(b) // self._grad_batch) for b in blocks), "self_influence") as bar:
                 for ids in blocks:
                     x, y = _dataset_items(dataset, ids)
                     h = torch.from_numpy(_take_rows(self.array("exact/h"), c, pos[ids]))
@@ -396,7 +405,7 @@ class Store(StoreReader):
         block = max(1, min(len(tracked), (budget // 2) // max(1, 2 * k * _itemsize(dtype))))
         blocks = [tracked[a:a + block] for a in range(0, len(tracked), block)]
         block_rows = self._block_rows(budget // 2, 2 * k * _itemsize(dtype) + 64)
-        total = sum(-(-len(b) // _GRAD_BATCH) for b in blocks) + len(blocks) * self._log_blocks(S, block_rows)
+        total = sum(-(-len(b) // self._grad_batch) for b in blocks) + len(blocks) * self._log_blocks(S, block_rows)
         spans = self._spans()
         with _Progress(progress, total, "self_influence") as bar:
             for ids in blocks:
@@ -444,7 +453,7 @@ class Store(StoreReader):
         dtype = self._dtype()
         onehot = torch.zeros(Cte, len(test_inputs), dtype=torch.float64)
         onehot[torch.from_numpy(test_code), torch.arange(len(test_inputs))] = 1.0
-        n_grad = -(-len(test_inputs) // _GRAD_BATCH)
+        n_grad = -(-len(test_inputs) // self._grad_batch)
         if mode == "exact":
             D = self.layout.size
             gsum = torch.zeros(Cte, D, dtype=torch.float64)
@@ -521,7 +530,7 @@ class Store(StoreReader):
             hd = da.from_zarr(loc, component="exact/h", chunks=(1, h.chunks[1], D),
                               **({"storage_options": opts} if opts else {}))[c]
         hrows = max(1, (budget // 4) // max(1, D * 8))
-        with _Progress(progress, -(-n // _GRAD_BATCH) * (1 if engine == "dask" else -(-m // hrows) + 1),
+        with _Progress(progress, -(-n // self._grad_batch) * (1 if engine == "dask" else -(-m // hrows) + 1),
                        "contributions") as bar:
             start = 0
             for G in self._gradient_batches(model, inputs, targets, c, loss_fn):
@@ -961,13 +970,47 @@ def _log_pass_part(store: Store, part: dict, stops: np.ndarray, end: int, block_
 
 
 # -- the dask engine ----------------------------------------------------------------------------
-def _dask_partial(rows, samples, steps, coef, coef_steps, npg, col, spans, stops, n_cols):
-    """One dask task: the contribution of one block of the log, as a dense (n_stops, n_cols, n) array."""
+def _dask_partial(rows, samples, steps, coef, coef_steps, npg, col, spans, stops):
+    """One dask task: the contribution of one block of the log, sparse over training samples.
+
+    Returns (columns, values (n_stops, len(columns), n)) for the columns the block's rows touch
+    only: a block holds at most ``block_rows`` samples, so what travels back to the client is
+    that big, not the whole (n_stops, N, n) result.
+    """
+    samples = np.asarray(samples)
+    target = col[samples]
+    keep = target >= 0
+    columns, position = _columns_of(target[keep], len(col))
+    local = np.full(len(samples), len(columns), dtype=np.int64)  # rows of untracked samples -> the -1 entry
+    local[keep] = position[target[keep]]
+    local_col = np.append(np.arange(len(columns), dtype=np.int64), -1)
     npg_t = torch.from_numpy(npg)
-    acc = torch.zeros(len(stops), n_cols, npg.shape[1], dtype=npg_t.dtype)
-    _contribution_block(acc, np.asarray(rows), np.asarray(samples), np.asarray(steps), coef, coef_steps, npg_t,
-                        col, spans, stops)
-    return acc.numpy()
+    acc = torch.zeros(len(stops), len(columns), npg.shape[1], dtype=npg_t.dtype)
+    _contribution_block(acc, np.asarray(rows), local, np.asarray(steps), coef, coef_steps, npg_t, local_col,
+                        spans, stops)
+    return columns, acc.numpy()
+
+
+def _columns_of(targets: np.ndarray, n_cols: int) -> tuple[np.ndarray, np.ndarray]:
+    """The distinct columns among ``targets`` (sorted) and each column's position among them.
+
+    A mask over all columns: O(n_cols) and several times faster than ``np.unique`` on a block's rows.
+    """
+    present = np.zeros(n_cols, dtype=bool)
+    present[targets] = True
+    columns = np.flatnonzero(present)
+    position = np.full(n_cols, -1, dtype=np.int64)
+    position[columns] = np.arange(len(columns))
+    return columns, position
+
+
+def _merge_partials(n_cols: int, *parts):
+    """Sum sparse partials (columns, values) into one over the union of their columns."""
+    columns, position = _columns_of(np.concatenate([c for c, _ in parts]), n_cols)
+    out = np.zeros((parts[0][1].shape[0], len(columns), parts[0][1].shape[2]), dtype=parts[0][1].dtype)
+    for c, v in parts:
+        out[:, position[c], :] += v
+    return columns, out
 
 
 def _distributed_client():
@@ -1021,7 +1064,7 @@ def _dask_fast_pass(store: Store, npg: torch.Tensor, stops: np.ndarray, col: np.
             coef_steps = np.arange(lo, hi, dtype=np.int64)
             coef = sweep.at(coef_steps)
             part_tasks[b] = dask.delayed(_dask_partial, pure=True)(
-                g_blocks[b], s_blocks[b], t_blocks[b], coef, coef_steps, npg_d, col_d, spans, stops, n_cols,
+                g_blocks[b], s_blocks[b], t_blocks[b], coef, coef_steps, npg_d, col_d, spans, stops,
                 dask_key_name=f"hydra_nb-block-{token}-{p}-{b}")
         tasks += part_tasks
     client = _distributed_client()
@@ -1030,14 +1073,15 @@ def _dask_fast_pass(store: Store, npg: torch.Tensor, stops: np.ndarray, col: np.
 
         total = np.zeros((n_stops, n_cols, n), dtype=np_dtype)
         for fut in as_completed(client.compute(tasks)):
-            total += fut.result()
+            columns, values = fut.result()
+            total[:, columns, :] += values
             fut.release()
             if progress is not None:
                 progress.update()
         return total
     level = tasks  # a tree of sums, four partials at a time (at most ~5 partials in memory per worker)
     while len(level) > 1:
-        level = [dask.delayed(_sum_arrays, pure=True)(*level[i:i + 4]) for i in range(0, len(level), 4)]
+        level = [dask.delayed(_merge_partials, pure=True)(n_cols, *level[i:i + 4]) for i in range(0, len(level), 4)]
     from dask.callbacks import Callback
 
     prefix = f"hydra_nb-block-{token}-"
@@ -1049,16 +1093,11 @@ def _dask_fast_pass(store: Store, npg: torch.Tensor, stops: np.ndarray, col: np.
                 progress.update()
 
     with _Count():
-        (result,) = dask.compute(level[0], optimize_graph=False)
+        ((columns, values),) = dask.compute(level[0], optimize_graph=False)
     if progress is not None and progress.done < done_before + len(tasks):
         progress.update(done_before + len(tasks) - progress.done)
-    return np.asarray(result, dtype=np_dtype)
-
-
-def _sum_arrays(*parts):
-    total = parts[0].copy()
-    for p in parts[1:]:
-        total += p
+    total = np.zeros((n_stops, n_cols, n), dtype=np_dtype)
+    total[:, columns, :] = values
     return total
 
 
