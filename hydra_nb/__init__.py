@@ -13,6 +13,13 @@ from .tracker import Tracker, TrackingStoppedWarning, track  # noqa: E402
 
 
 
+def explore(store, model, test_data, train_data, **kwargs):
+    """The interactive explorer of a tracked run (anywidget); see :func:`hydra_nb.widgets.explore`."""
+    from .widgets import explore as _explore  # imported on use: anywidget is only needed for the views
+
+    return _explore(store, model, test_data, train_data, **kwargs)
+
+
 def load_ipython_extension(ipython):
     """``%load_ext hydra_nb``: registers ``%%hydra_track`` and ``%hydra_status``."""
     from .magic import load_ipython_extension as _load
@@ -21,6 +28,6 @@ def load_ipython_extension(ipython):
 
 
 __all__ = [
-    "track", "open_store", "Store", "TopK", "ClassMatrix", "Tracker", "HydraError", "StoreError", "TrackingConfigError",
+    "track", "open_store", "explore", "Store", "TopK", "ClassMatrix", "Tracker", "HydraError", "StoreError", "TrackingConfigError",
     "TrackingFailure", "TrackingStoppedWarning", "__version__",
 ]

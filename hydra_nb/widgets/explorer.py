@@ -1,0 +1,394 @@
+"""The contribution explorer: an anywidget whose front end asks and whose Python side answers.
+
+Protocol (custom messages; see ``wire.py`` for how arrays travel):
+
+    front end → Python   {"type": "request", "id": n, "method": name, "params": {...}}
+    Python → front end   {"type": "progress", "id": n, "done": d, "total": t}          (0 or more)
+                         {"type": "response", "id": n, "ok": true, "result": {...},
+                          "buffer_paths": [...]}  + buffers
+                         {"type": "response", "id": n, "ok": false, "error": "..."}
+
+Methods (``_handle_*``): ``gallery`` (a page of test samples with labels and predictions),
+``rankings`` (top-k helpful/harmful/absolute training samples of one test sample, filtered by
+training class), ``trajectory`` (contributions of some training samples at every checkpoint),
+``self_influence`` (a page of the ranked training set) and ``class_matrix``. Each answers from the
+store through the query API (``hydra_nb.query.Store``), which streams the store chunk by chunk;
+only the requested page or the k cards are turned into thumbnails. Results that are costly and
+reused (a test sample's contribution row, self-influence, the class matrix, trajectories) are
+cached until the store gains a checkpoint.
+
+While a cell runs, the kernel cannot read requests; live mode (``live.py``) pushes pinned rankings
+through the ``live_state`` trait instead.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections import OrderedDict
+from pathlib import Path
+
+import anywidget
+import numpy as np
+import torch
+import traitlets
+
+from ..errors import StoreError
+from ..query import Store, open_store
+from .data import Samples, as_samples
+from .wire import pack, split_buffers
+
+STATIC = Path(__file__).parent / "static"
+SORTS = ("both", "helpful", "harmful", "absolute")
+_ROW_CACHE = 32  # test samples whose contribution rows are kept
+_PROGRESS_SECONDS = 0.25
+
+
+class Explorer(anywidget.AnyWidget):
+    """Which training samples helped or hurt a test prediction: gallery, ranked cards, trajectories,
+    self-influence and a class-by-class heatmap. Create with :func:`explore`.
+
+    Synced state (set from Python or by clicks): ``selected`` (test index, -1 for none), ``k``,
+    ``sort`` (``"both"``, ``"helpful"``, ``"harmful"``, ``"absolute"``), ``train_class`` (None for all
+    classes), ``compared`` (training indices on the trajectory chart), ``pinned`` (test indices
+    pushed in live mode), ``tab`` (``"explain"`` or ``"training"``). ``timeout_s``: how long the front
+    end waits for an answer (default 120 s; large stores take a while).
+    """
+
+    _esm = STATIC / "explorer.js"
+    _css = STATIC / "explorer.css"
+
+    info = traitlets.Dict().tag(sync=True)
+    selected = traitlets.Int(-1).tag(sync=True)
+    k = traitlets.Int(10).tag(sync=True)
+    sort = traitlets.Unicode("both").tag(sync=True)
+    train_class = traitlets.Int(None, allow_none=True).tag(sync=True)
+    compared = traitlets.List(traitlets.Int()).tag(sync=True)
+    pinned = traitlets.List(traitlets.Int()).tag(sync=True)
+    tab = traitlets.Unicode("explain").tag(sync=True)
+    live_state = traitlets.Dict().tag(sync=True)
+    timeout_s = traitlets.Float(120.0).tag(sync=True)
+
+    def __init__(self, store, model, test_data, train_data, *, k: int = 10, class_names=None, encode=None,
+                 test_display=None, train_display=None, loss_fn=None, mode: str | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self.model = model
+        self.test = as_samples(test_data, "test_data", encode=encode, display=test_display)
+        self.train = as_samples(train_data, "train_data", encode=encode, display=train_display)
+        self.class_names = None if class_names is None else [str(c) for c in class_names]
+        self.query_mode = mode
+        self._loss_fn = loss_fn
+        if isinstance(store, Store):
+            self._path, self._store = store.where, store
+            self._loss_fn = loss_fn or store.loss_fn
+        else:
+            self._path, self._store = str(store), None
+        self._run_key = ()  # no run seen yet (None: no store at the path)
+        self._clear_caches()
+        self._live = None
+        self._handlers = {name[len("_handle_"):]: getattr(self, name) for name in dir(type(self))
+                          if name.startswith("_handle_")}
+        self.k = int(k)
+        self._refresh_store()
+        self.on_msg(self._on_custom)
+
+    # -- the store, reopened while its run is live ---------------------------------------------
+    def _clear_caches(self) -> None:
+        self._rows: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._traj: dict[tuple[int, int], np.ndarray] = {}
+        self._self_influence = None
+        self._class_matrix = None
+        self._pred = None
+        self._query_model = None
+
+    def _refresh_store(self) -> Store | None:
+        """The store at its latest committed checkpoint (reopened while running; None before the run exists)."""
+        s = self._store
+        if s is None or not s.status.startswith("complete"):
+            try:
+                s = open_store(self._path, loss_fn=self._loss_fn)
+            except StoreError:
+                s = self._store  # not there yet, or between runs: keep what we had
+        self._store = s
+        key = None if s is None else (s.meta.get("run_id"), len(s.checkpoint_steps))
+        if key != self._run_key:
+            self._run_key = key
+            self._clear_caches()
+            self.info = self._info()
+        return s
+
+    def _need_store(self) -> Store:
+        s = self._refresh_store()
+        if s is None:
+            raise StoreError(f"No run in {self._path!r} yet: train under hydra_nb.track or %%hydra_track first.")
+        return s
+
+    @property
+    def store(self) -> Store | None:
+        return self._store
+
+    def _info(self) -> dict:
+        s = self._store
+        labels = {}
+        for name, samples in (("train", self.train), ("test", self.test)):
+            try:
+                labels[name] = sorted({int(v) for v in np.unique(samples.labels)})
+            except Exception:  # labels not integers (regression): no class views
+                labels[name] = []
+        store = None
+        if s is not None:
+            store = {"path": str(self._path), "status": s.status, "mode": s.mode, "steps": int(s.steps),
+                     "checkpoints": len(s.checkpoint_steps), "n_tracked": int(len(s.tracked_indices)),
+                     "n_train": int(s.n_train)}
+        return {"test_kind": self.test.kind, "train_kind": self.train.kind, "n_test": len(self.test),
+                "n_train": len(self.train), "train_classes": labels["train"], "test_classes": labels["test"],
+                "class_names": self.class_names, "store": store, "path": str(self._path)}
+
+    def _model_at_checkpoint(self):
+        """A copy of the model with the last committed checkpoint's parameters (for predictions)."""
+        if self._query_model is None:
+            m = copy.deepcopy(self.model)
+            if self._store is not None:
+                self._store.load_params(m)
+            self._query_model = m.eval()
+        return self._query_model
+
+    def predictions(self) -> np.ndarray:
+        """Predicted class of every test sample at the last checkpoint (-1 where the output is no class score)."""
+        if self._pred is None:
+            m = self._model_at_checkpoint()
+            out = np.full(len(self.test), -1, dtype=np.int64)
+            with torch.no_grad():
+                for a in range(0, len(self.test), 512):
+                    ids = np.arange(a, min(a + 512, len(self.test)))
+                    x, _ = self.test.batch(ids)
+                    logits = m(x)
+                    if logits.ndim == 2 and logits.shape[1] > 1:
+                        out[ids] = logits.argmax(1).cpu().numpy()
+            self._pred = out
+        return self._pred
+
+    # -- request handling ---------------------------------------------------------------------
+    def _on_custom(self, _widget, content, buffers) -> None:
+        if not isinstance(content, dict) or content.get("type") != "request":
+            return
+        rid = content.get("id")
+        method = content.get("method")
+        handler = self._handlers.get(method)
+        try:
+            if handler is None:
+                raise ValueError(f"unknown request {method!r}")
+            result = handler(progress=self._progress_to(rid), **(content.get("params") or {}))
+        except Exception as exc:  # the front end shows it; the kernel stays usable
+            self.send({"type": "response", "id": rid, "ok": False, "error": f"{type(exc).__name__}: {exc}"})
+            return
+        body, paths, bufs = split_buffers(result)
+        self.send({"type": "response", "id": rid, "ok": True, "result": body, "buffer_paths": paths}, bufs)
+
+    def _progress_to(self, rid):
+        last = [0.0]
+
+        def report(done, total):
+            now = time.monotonic()
+            if now - last[0] >= _PROGRESS_SECONDS or done >= total:
+                last[0] = now
+                self.send({"type": "progress", "id": rid, "done": int(done), "total": int(total)})
+        return report
+
+    def _cards(self, ids, scores=None) -> dict:
+        """What the front end needs to draw training cards: indices, labels, scores, thumbnails or texts."""
+        ids = np.asarray(ids, dtype=np.int64)
+        out = {"indices": pack(ids), "labels": pack(self.train.label_of(ids))}
+        if scores is not None:
+            out["scores"] = pack(np.asarray(scores, dtype=np.float64))
+        out.update(_packed_view(self.train, ids))
+        return out
+
+    def _handle_gallery(self, offset: int = 0, limit: int = 48, filter: str = "all", progress=None) -> dict:
+        """A page of test samples: ``filter`` is "all", "misclassified" or "class:<c>"."""
+        n = len(self.test)
+        ids = np.arange(n)
+        pred = None
+        if self._store is not None or filter == "misclassified":
+            pred = self.predictions()
+        labels = self.test.labels
+        if filter == "misclassified":
+            ids = ids[(pred >= 0) & (pred != labels)]
+        elif filter.startswith("class:"):
+            ids = ids[labels == int(filter.split(":", 1)[1])]
+        total = len(ids)
+        page = ids[int(offset):int(offset) + max(0, min(int(limit), 500))]
+        out = {"total": total, "offset": int(offset), "indices": pack(page), "labels": pack(labels[page]),
+               "predicted": pack(pred[page] if pred is not None else np.full(len(page), -1))}
+        out.update(_packed_view(self.test, page))
+        return out
+
+    def contribution_row(self, test_index: int, progress=False) -> np.ndarray:
+        """contributions of every tracked training sample to test sample ``test_index`` (cached)."""
+        s = self._need_store()
+        j = int(test_index)
+        if j in self._rows:
+            self._rows.move_to_end(j)
+            return self._rows[j]
+        x, y = self.test.batch([j])
+        row = s.contributions(self.model, x, y, self.query_mode, progress=progress)[0]
+        self._rows[j] = row
+        while len(self._rows) > _ROW_CACHE:
+            self._rows.popitem(last=False)
+        return row
+
+    def rank(self, test_index: int, k: int = 10, sort: str = "both", train_class=None, progress=False):
+        """{group: (dataset indices, scores)} for one test sample: the Python side of the ranking cards."""
+        if sort not in SORTS:
+            raise ValueError(f"sort must be one of {SORTS}, got {sort!r}.")
+        row = self.contribution_row(test_index, progress=progress)
+        tracked = self._store.tracked_indices
+        if train_class is not None:
+            keep = self.train.label_of(tracked) == int(train_class)
+            tracked, row = tracked[keep], row[keep]
+        k = max(1, min(int(k), len(row))) if len(row) else 0
+        groups = {}
+        keys = {"helpful": -row, "harmful": row, "absolute": -np.abs(row)}
+        for name in (("helpful", "harmful") if sort == "both" else (sort,)):
+            order = _smallest(keys[name], k)
+            groups[name] = (tracked[order], row[order])
+        return groups, int(len(row))
+
+    def _handle_rankings(self, test: int, k: int = 10, sort: str = "both", train_class=None, progress=None) -> dict:
+        groups, candidates = self.rank(test, k, sort, train_class, progress=progress)
+        test = int(test)
+        pred = self.predictions()
+        return {"test": test, "label": int(self.test.label_of([test])[0]), "predicted": int(pred[test]),
+                "candidates": candidates, "step": int(self._store.steps),
+                "groups": {name: self._cards(ids, scores) for name, (ids, scores) in groups.items()}}
+
+    def trajectories(self, test_index: int, train_indices, progress=False) -> tuple[np.ndarray, np.ndarray]:
+        """(steps (C,), values (C, len(train_indices))) for one test sample, cached per pair."""
+        s = self._need_store()
+        j = int(test_index)
+        train_indices = [int(i) for i in train_indices]
+        missing = sorted({i for i in train_indices if (j, i) not in self._traj})
+        if missing:
+            x, y = self.test.batch([j])
+            _, values = s.trajectory(self.model, x, y, missing, self.query_mode, progress=progress)
+            for col, i in enumerate(missing):
+                self._traj[(j, i)] = values[0, :, col]
+        values = np.stack([self._traj[(j, i)] for i in train_indices], axis=1) if train_indices else \
+            np.zeros((len(s.checkpoint_steps), 0))
+        return s.checkpoint_steps.copy(), values
+
+    def _handle_trajectory(self, test: int, train, progress=None) -> dict:
+        steps, values = self.trajectories(test, train, progress=progress)
+        train = np.asarray([int(i) for i in train], dtype=np.int64)
+        return {"test": int(test), "steps": pack(steps, "float64"), "values": pack(values, "float64"),
+                "epochs": pack(epoch_boundaries(self._store), "float64"),
+                "epoch_exact": self._store.meta["config"].get("checkpoint_every") == "epoch",
+                "train": pack(train), "labels": pack(self.train.label_of(train))}
+
+    def self_influence(self, progress=False) -> np.ndarray:
+        """Self-influence of every training sample (cached; NaN for untracked samples)."""
+        s = self._need_store()
+        if self._self_influence is None:
+            self._self_influence = s.self_influence(self.model, self.train.as_dataset(), self.query_mode,
+                                                    progress=progress)
+        return self._self_influence
+
+    def _handle_self_influence(self, offset: int = 0, limit: int = 40, order: str = "desc", train_class=None,
+                               progress=None) -> dict:
+        values = self.self_influence(progress=progress)
+        ids = np.flatnonzero(~np.isnan(values))
+        if train_class is not None:
+            ids = ids[self.train.label_of(ids) == int(train_class)]
+        key = {"desc": -values[ids], "asc": values[ids], "abs": -np.abs(values[ids])}[order]
+        ranked = ids[np.argsort(key, kind="stable")]
+        page = ranked[int(offset):int(offset) + max(0, min(int(limit), 500))]
+        finite = values[~np.isnan(values)]
+        return {"total": int(len(ranked)), "offset": int(offset), "order": order,
+                "range": pack(np.array([finite.min(), finite.max()] if finite.size else [0.0, 0.0]), "float64"),
+                **self._cards(page, values[page])}
+
+    def class_matrix(self, progress=False):
+        s = self._need_store()
+        if self._class_matrix is None:
+            x, y = self.test.all()
+            self._class_matrix = s.class_matrix(self.model, self.train.labels, x, y, self.query_mode,
+                                                progress=progress)
+        return self._class_matrix
+
+    def _handle_class_matrix(self, progress=None) -> dict:
+        cm = self.class_matrix(progress=progress)
+        return {"train_classes": pack(cm.train_classes), "test_classes": pack(cm.test_classes),
+                "mean": pack(cm.mean, "float64"), "counts": pack(cm.counts, "float64")}
+
+    # -- live mode ----------------------------------------------------------------------------
+    def live(self, every: int = 200, pin=None, k: int = 5):
+        """Push rankings of the pinned test samples while a training cell runs (see ``live.py``).
+
+        Every ``every`` optimizer steps (of any optimizer in this process, or of the run given to
+        ``track(on_step=explorer.on_step)``), if the store has committed a new checkpoint, the
+        top-``k`` helpful and harmful training samples of each pinned test sample are recomputed
+        from it and sent through the ``live_state`` trait. Returns the explorer.
+        """
+        from .live import LiveFeed
+
+        if pin is not None:
+            self.pinned = [int(i) for i in np.atleast_1d(pin)]
+        if self._live is not None:
+            self._live.detach()
+        self._live = LiveFeed(self, every=every, k=k).attach()
+        return self
+
+    def stop_live(self) -> None:
+        if self._live is not None:
+            self._live.detach()
+            self._live = None
+
+    def on_step(self, tracker) -> None:
+        """For ``track(..., on_step=explorer.on_step)``: live updates driven by that run's step count."""
+        from .live import LiveFeed
+
+        if self._live is None:
+            self._live = LiveFeed(self, every=200, k=5)
+        self._live.on_tracker_step(tracker)
+
+
+def _packed_view(samples: Samples, ids) -> dict:
+    view = samples.view(ids)
+    if "thumbs" in view:
+        return {"thumbs": pack(view["thumbs"], "uint8")}
+    return view
+
+
+def _smallest(values: np.ndarray, k: int) -> np.ndarray:
+    if k <= 0:
+        return np.zeros(0, dtype=np.int64)
+    part = np.argpartition(values, k - 1)[:k] if k < len(values) else np.arange(len(values))
+    return part[np.argsort(values[part], kind="stable")]
+
+
+def epoch_boundaries(store: Store) -> np.ndarray:
+    """Optimizer steps at which an epoch ended: the checkpoint steps of an ``checkpoint_every="epoch"``
+    run; otherwise every ⌈N / batch_size⌉ steps (an estimate: it assumes no ``drop_last``)."""
+    cfg = store.meta.get("config", {})
+    steps = np.asarray(store.checkpoint_steps, dtype=np.float64)
+    if cfg.get("checkpoint_every") == "epoch":
+        return steps[steps > 0]
+    bs = cfg.get("batch_size")
+    if not bs:
+        return np.zeros(0)
+    per_epoch = math.ceil(store.n_train / int(bs))
+    return np.arange(per_epoch, store.steps + 1, per_epoch, dtype=np.float64)
+
+
+def explore(store, model, test_data, train_data, **kwargs) -> Explorer:
+    """An interactive explorer of a tracked run (display it as the last expression of a cell).
+
+    ``store``: an open :class:`~hydra_nb.Store` or the path of one (the path may not hold a run yet:
+    live mode waits for it). ``model``: the architecture queries run (parameters come from the
+    store). ``test_data``/``train_data``: ``(inputs, targets)`` tensors, ``(texts, targets)`` with
+    ``encode=``, or torch Datasets of ``(x, y)`` (see ``hydra_nb.widgets.data``). Options: ``k``
+    (cards per group, default 10), ``class_names``, ``encode`` (strings → model inputs),
+    ``test_display``/``train_display`` (strings to show), ``loss_fn``, ``mode`` ("fast"/"exact").
+    """
+    return Explorer(store, model, test_data, train_data, **kwargs)
