@@ -20,6 +20,15 @@ def explore(store, model, test_data, train_data, **kwargs):
     return _explore(store, model, test_data, train_data, **kwargs)
 
 
+def __getattr__(name):
+    """``hydra_nb.plot`` and ``hydra_nb.widgets`` load on first use (they import matplotlib and anywidget)."""
+    if name in ("plot", "widgets"):
+        import importlib
+
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'hydra_nb' has no attribute {name!r}")
+
+
 def load_ipython_extension(ipython):
     """``%load_ext hydra_nb``: registers ``%%hydra_track`` and ``%hydra_status``."""
     from .magic import load_ipython_extension as _load
