@@ -1,6 +1,6 @@
 """Training-time overhead of ``hydra_nb.track(mode="fast", projection_dim=1024)``.
 
-For LeNet5 (28×28 digits) and SmallCNN and MLP (8×8 digits), batch 64, SGD (lr 0.05, momentum 0.9),
+For ResNet8 (a ResNet-8-sized CNN without BatchNorm, 77,418 parameters, 32×32 digits), LeNet5 (28×28 digits) and SmallCNN and MLP (8×8 digits), batch 64, SGD (lr 0.05, momentum 0.9),
 one process trains two copies of the same model (same init, same data, same batch order):
 a plain one and one inside a single long-lived ``hydra_nb.track`` context. Plain and tracked epochs
 are interleaved (ABBA order: P T, T P, P T, ...) after one untimed warm-up epoch of each, and
@@ -50,8 +50,10 @@ import common  # noqa: E402
 
 import hydra_nb  # noqa: E402
 from hydra_nb.examples import MLP, LeNet5, SmallCNN, count_parameters, load_digits  # noqa: E402
+from models import ResNet8  # noqa: E402
 
 MODELS = {
+    "ResNet8": (ResNet8, 32),
     "LeNet5": (LeNet5, 28),
     "SmallCNN": (SmallCNN, 8),
     "MLP": (MLP, 8),
