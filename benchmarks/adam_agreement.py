@@ -12,7 +12,8 @@ all (test point, training sample) pairs of the contribution matrix C[test, train
   step — in full dimension (``adam_hessian_free_contributions``). hydra_nb adds approximation (2)
   (each injection keeps the preconditioner D_s of its step; docs/optimizers.md).
 
-Rows "hydra_nb vs reference (1)" isolate approximation (2); "reference (1) vs truth" isolates (1).
+Rows "hydra_nb full vs reference (1)" isolate approximation (2); "reference (1) vs truth" isolates (1);
+"hydra_nb k vs hydra_nb full" the projection.
 Pearson and Spearman over all pairs, the mean per-test-point Spearman, the relative error
 ‖C − C_ref‖/‖C_ref‖ and the least-squares scale s minimising ‖C_ref − s·C‖ (1 = right magnitude).
 
@@ -125,6 +126,7 @@ def main() -> None:
                 base = dict(model=model_name, optimizer=opt_name, steps=run.T)
                 rows.append({**base, "compared": "hydra_nb full vs truth", **compare(C_full, truth)})
                 rows.append({**base, "compared": f"hydra_nb k={args.k} vs truth", **compare(C_k, truth)})
+                rows.append({**base, "compared": f"hydra_nb k={args.k} vs hydra_nb full", **compare(C_k, C_full)})
                 if opt_name != "SGD":
                     ref1 = adam_hessian_free_contributions(run, xt, yt)["values"][:, 0]
                     ref12 = adam_hessian_free_contributions(run, xt, yt, freeze_D=True)["values"][:, 0]

@@ -88,11 +88,16 @@ def validate_optimizer(optimizer, mode: str = "fast") -> None:
             f"mode='exact' supports torch.optim.SGD only: hydra_nb's {kind} recursion is an approximation "
             "(the second moment held fixed, Hessian terms dropped; see docs/optimizers.md), so there is no "
             f"exact {kind} mode. Use mode='fast' with {kind}, or train with SGD for exact hypergradients.")
-    if kind == "Adam" and any(float(g["weight_decay"]) != 0 for g in optimizer.param_groups):
+    if any(float(g["weight_decay"]) != 0 and not _decoupled(optimizer, g) for g in optimizer.param_groups):
         raise TrackingConfigError(
             "torch.optim.Adam with weight_decay > 0 (L2 added to the gradient before the adaptive scaling) is not "
             "supported: its decay feeds back through the elementwise preconditioner, which a projected gradient log "
             "cannot follow. Use torch.optim.AdamW (decoupled weight decay), or Adam with weight_decay=0.")
+
+
+def _decoupled(optimizer, group: dict) -> bool:
+    """Whether this Adam group's weight decay is decoupled (AdamW's), as torch's Adam step reads it."""
+    return bool(group.get("decoupled_weight_decay", optimizer_kind(optimizer) == "AdamW"))
 
 
 def adam_preconditioner(optimizer, params: list[nn.Parameter]) -> list[torch.Tensor | None]:
@@ -145,9 +150,9 @@ def read_adam_step(optimizer, params: list[nn.Parameter], layout: ParamLayout) -
     n = len(params)
     row = {f: np.zeros(n, dtype=np.float64) for f in ADAM_TRACE_FIELDS[:4]}
     row["active"] = np.zeros(n, dtype=bool)
-    decoupled = optimizer_kind(optimizer) == "AdamW"
     for i, (p, slot) in enumerate(zip(params, layout.slots)):
         group = optimizer.param_groups[slot.group]
+        decoupled = _decoupled(optimizer, group)
         lr, beta1 = group["lr"], group["betas"][0]
         lr = float(lr.item() if torch.is_tensor(lr) else lr)
         beta1 = float(beta1.item() if torch.is_tensor(beta1) else beta1)

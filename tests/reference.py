@@ -519,7 +519,7 @@ class AdamRun(Run):
         hyper = []
         for group in self.optimizer.param_groups:
             lr = group["lr"]
-            decoupled = isinstance(self.optimizer, torch.optim.AdamW) or bool(group.get("decoupled_weight_decay"))
+            decoupled = bool(group.get("decoupled_weight_decay", isinstance(self.optimizer, torch.optim.AdamW)))
             hyper.append({"lr": float(lr.item() if torch.is_tensor(lr) else lr), "beta1": float(group["betas"][0]),
                           "beta2": float(group["betas"][1]), "eps": float(group["eps"]),
                           "weight_decay": float(group["weight_decay"]), "amsgrad": bool(group["amsgrad"]),

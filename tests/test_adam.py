@@ -69,6 +69,9 @@ OPTIMIZERS = {
     "amsgrad": lambda m: torch.optim.AdamW(m.parameters(), lr=0.05, weight_decay=0.1, amsgrad=True),
     "adam_decoupled_flag": lambda m: torch.optim.Adam(m.parameters(), lr=0.05, weight_decay=0.1,
                                                       decoupled_weight_decay=True),
+    "adam_group_decoupled": lambda m: torch.optim.Adam([
+        {"params": m[0].parameters(), "weight_decay": 0.2, "decoupled_weight_decay": True},
+        {"params": m[2].parameters()}], lr=0.05),
     "foreach": lambda m: torch.optim.AdamW(m.parameters(), lr=0.05, weight_decay=0.1, foreach=True),
     "tensor_lr": lambda m: torch.optim.AdamW(m.parameters(), lr=torch.tensor(0.05, dtype=DT), weight_decay=0.1),
 }
@@ -77,7 +80,7 @@ OPTIMIZERS = {
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
 def test_adam_matches_reference(tmp_path, name):
     model, run, store, Xt, Yt = adam_case(tmp_path, OPTIMIZERS[name], epochs=3 if name == "amsgrad" else 2)
-    assert store.optimizer == ("Adam" if name in ("adam", "adam_betas") else "AdamW")
+    assert store.optimizer == ("Adam" if name in ("adam", "adam_betas", "adam_group_decoupled") else "AdamW")
     check_adam(model, run, store, Xt, Yt)
 
 
@@ -202,8 +205,13 @@ def _refused(tmp_path, opt, **kw):
     return str(info.value)
 
 
-def test_adam_coupled_weight_decay_is_refused(tmp_path):
-    msg = _refused(tmp_path, lambda m: torch.optim.Adam(m.parameters(), lr=0.01, weight_decay=1e-4))
+@pytest.mark.parametrize("opt", [
+    lambda m: torch.optim.Adam(m.parameters(), lr=0.01, weight_decay=1e-4),
+    lambda m: torch.optim.AdamW([{"params": m[0].parameters(), "decoupled_weight_decay": False},
+                                 {"params": m[2].parameters()}], lr=0.01),
+])
+def test_adam_coupled_weight_decay_is_refused(tmp_path, opt):
+    msg = _refused(tmp_path, opt)
     assert "weight_decay > 0" in msg and "AdamW" in msg and "weight_decay=0" in msg
 
 
