@@ -120,7 +120,7 @@ class HydraMagics(Magics):
                               help="Folder of the run's Zarr store, e.g. runs/a.zarr.")
     @magic_arguments.argument("--model", metavar="NAME", help="The torch.nn.Module being trained.")
     @magic_arguments.argument("--loader", metavar="NAME", help="The DataLoader the loop iterates.")
-    @magic_arguments.argument("--optimizer", metavar="NAME", help="The optimizer (torch.optim.SGD).")
+    @magic_arguments.argument("--optimizer", metavar="NAME", help="The optimizer (torch.optim.SGD; Adam/AdamW in fast mode).")
     @magic_arguments.argument("--mode", choices=("fast", "exact"), default="fast",
                               help="fast: all samples, no Hessian terms; exact: with Hessian-vector products.")
     @magic_arguments.argument("--dim", type=_dim, default=1024, metavar="K",

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .batches import ModelInputs
-from .hypergrad import TRACE_FIELDS, transitions
+from .hypergrad import transitions
 from .params import ParamLayout
 from .store import StoreReader
 
@@ -723,7 +723,7 @@ class _CoefficientSweep:
 
     def __init__(self, arrays, stops):
         """``arrays``: field name → the trace array (anything sliceable: zarr, checked store arrays, numpy)."""
-        self.arrays = {f: arrays[f] for f in TRACE_FIELDS}
+        self.arrays = dict(arrays)
         stops = np.asarray(stops, dtype=np.int64).reshape(-1)
         self.order = np.argsort(stops, kind="stable")
         self.sorted = stops[self.order]
@@ -907,7 +907,7 @@ def _hypergradient_block(out: torch.Tensor, rows, samples, steps, coef, coef_ste
 
 
 def _trace_arrays(store: Store) -> dict:
-    return {f: store.array(f"trace/{f}") for f in TRACE_FIELDS}
+    return {f: store.array(f"trace/{f}") for f in store.trace_fields}
 
 
 def _read_block(arrays, start: int, stop: int, buffer: np.ndarray | None):

@@ -8,7 +8,8 @@ Layout (schema version 1; ``docs/store.md`` describes every array and attribute)
       log/sample  (row,)                 dataset index of each per-sample gradient row
       log/step    (row,)                 optimizer step the row entered
       log/grad    (row, projected)       projected gradient u of that sample at that step
-      trace/<field> (step, param)        lr, momentum, dampening, weight_decay, nesterov, first, active
+      trace/<field> (step, param)        SGD: lr, momentum, dampening, weight_decay, nesterov, first, active;
+                                         Adam/AdamW: lr, beta1, bias_correction1, weight_decay, active
       trace/row_end (step,)              number of log rows written through each step
       checkpoints/step (checkpoint,)     completed optimizer steps at each checkpoint
       checkpoints/params (checkpoint, parameter)   flat trainable parameters θ
@@ -42,7 +43,7 @@ from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 from zarr.core.sync import sync
 
 from .errors import StoreError, TrackingConfigError
-from .hypergrad import TRACE_FIELDS
+from .hypergrad import trace_dtype, trace_fields
 from .params import ParamLayout
 from .projection import Projector
 
@@ -273,12 +274,9 @@ class StoreWriter:
                     _create(g, part["row_end"], shape=(0,), chunks=(_TRACE_CHUNK,), dtype="int64",
                             dimension_names=["step"])
                     g[part["group"]].attrs["committed"] = {"steps": 0, "rows": 0}
-            for f in ("lr", "momentum", "dampening", "weight_decay"):
-                _create(g, f"trace/{f}", shape=(0, P), chunks=(_TRACE_CHUNK, P), dtype="float64",
-                               dimension_names=["step", "param"])
-            for f in ("nesterov", "first", "active"):
-                _create(g, f"trace/{f}", shape=(0, P), chunks=(_TRACE_CHUNK, P), dtype="bool",
-                               dimension_names=["step", "param"])
+            for f in trace_fields(meta.get("optimizer", "SGD")):
+                _create(g, f"trace/{f}", shape=(0, P), chunks=(_TRACE_CHUNK, P), dtype=trace_dtype(f),
+                        dimension_names=["step", "param"])
             if world_size == 1:
                 _create(g, "trace/row_end", shape=(0,), chunks=(_TRACE_CHUNK,), dtype="int64",
                         dimension_names=["step"])
@@ -534,8 +532,7 @@ def log_part(rank: int | None) -> dict[str, str | None]:
             "row_end": f"{prefix}/row_end", "group": prefix}
 
 
-_REQUIRED = ["log/sample", "log/step", "log/grad", "trace/row_end", "checkpoints/step", "checkpoints/params",
-             *(f"trace/{f}" for f in TRACE_FIELDS)]
+_REQUIRED = ["log/sample", "log/step", "log/grad", "trace/row_end", "checkpoints/step", "checkpoints/params"]
 
 
 async def _collect_keys(store, prefix: str) -> list[str]:
@@ -551,7 +548,7 @@ def _array_names(group) -> list[str]:
 
 
 def new_run_meta(mode: str, n_train: int, layout: ParamLayout, projector_json: dict, config: dict,
-                 buffers: list[dict]) -> dict:
+                 buffers: list[dict], optimizer: str = "SGD") -> dict:
     from . import __version__
 
     return {
@@ -562,7 +559,7 @@ def new_run_meta(mode: str, n_train: int, layout: ParamLayout, projector_json: d
         "created": _now(),
         "mode": mode,
         "n_train": int(n_train),
-        "optimizer": "SGD",
+        "optimizer": optimizer,
         "config": config,
         "params": layout.to_json(),
         "buffers": buffers,
@@ -600,9 +597,15 @@ class StoreReader:
         self.where = where
         self.world_size = int(meta.get("world_size", 1))
         self.log_parts = [log_part(None)] if self.world_size == 1 else [log_part(r) for r in range(self.world_size)]
+        self.optimizer = meta.get("optimizer", "SGD")
+        if self.optimizer not in ("SGD", "Adam", "AdamW"):
+            raise StoreError(f"The store at {where!r} was tracked with optimizer {self.optimizer!r}, which this "
+                             "hydra_nb does not know. Upgrade hydra_nb to read it.")
+        self.trace_fields = trace_fields(self.optimizer)
         required = _REQUIRED if self.world_size == 1 else [
             n for n in _REQUIRED if not n.startswith("log/") and n != "trace/row_end"
         ] + [part[key] for part in self.log_parts for key in ("sample", "step", "grad", "row_end")]
+        required = required + [f"trace/{f}" for f in self.trace_fields]
         missing = [n for n in required if n not in self.group]
         if missing:
             raise StoreError(f"The store at {where!r} is damaged: missing array(s) {', '.join(missing)}.")
@@ -721,9 +724,13 @@ class StoreReader:
 
     # -- raw data ---------------------------------------------------------------------------
     def trace(self, steps: int | None = None) -> dict[str, np.ndarray]:
-        """The SGD trace: arrays (steps, parameters) of lr, momentum, dampening, weight_decay, nesterov, first, active."""
+        """The optimizer trace: arrays (steps, parameters) of ``self.trace_fields``.
+
+        SGD: lr, momentum, dampening, weight_decay, nesterov, first, active; Adam/AdamW: lr, beta1,
+        bias_correction1, weight_decay (decoupled), active.
+        """
         n = self.steps if steps is None else steps
-        return {f: self._read(f"trace/{f}", slice(0, n)) for f in TRACE_FIELDS}
+        return {f: self._read(f"trace/{f}", slice(0, n)) for f in self.trace_fields}
 
     def params_at(self, checkpoint: int = -1) -> np.ndarray:
         """Flat trainable parameters θ at a checkpoint (index into ``checkpoint_steps``)."""

@@ -2,7 +2,8 @@
 
 Data flows one way: the ``LoaderTap`` names the samples of each batch, the
 ``GradientCapture`` hooks turn the user's backward into per-sample gradients,
-the optimizer's step hooks read the SGD trace and (exact mode) advance the
+the optimizer's step hooks read the optimizer's trace (SGD, or Adam/AdamW with
+its preconditioner applied to the per-sample gradients) and (exact mode) advance the
 hypergradients, and the ``StoreWriter`` appends everything to the Zarr store in
 a background thread. Queries read the store (``hydra_nb.open_store``).
 """
@@ -24,13 +25,15 @@ from torch import nn
 from .batches import LoaderTap
 from .capture import GradientCapture
 from .errors import TrackingConfigError, TrackingFailure
-from .hypergrad import ExactHypergradients, make_batch_loss, read_sgd_step, validate_optimizer
+from .hypergrad import (ExactHypergradients, adam_preconditioner, make_batch_loss, optimizer_kind, read_step,
+                        validate_optimizer)
 from .params import ParamLayout
 from .projection import Projector
 from .store import StoreWriter, new_run_meta, prepare_path
 
 _LOG_DTYPES = {"float16": np.float16, "float32": np.float32, "float64": np.float64}
 _EXACT_MEMORY_LIMIT = 16 << 30
+_ADAM_BATCH_LIMIT = 8 << 30  # full per-sample gradients of one step, held until Adam's preconditioner is known
 
 
 class TrackingStoppedWarning(UserWarning):
@@ -66,9 +69,10 @@ class Tracker:
             raise TrackingConfigError(
                 "torch.distributed is initialized but the model is not wrapped in DistributedDataParallel: "
                 "hydra_nb tracks distributed training through DDP. Pass the DDP-wrapped model.")
-        validate_optimizer(optimizer)
         if mode not in ("fast", "exact"):
             raise TrackingConfigError(f"mode must be 'fast' or 'exact', got {mode!r}.")
+        validate_optimizer(optimizer, mode)
+        self.optimizer_kind = optimizer_kind(optimizer)
         if projection_dim is not None and (not isinstance(projection_dim, (int, np.integer)) or projection_dim < 1):
             raise TrackingConfigError(f"projection_dim must be a positive int or None, got {projection_dim!r}.")
         if checkpoint_every != "epoch" and (
@@ -113,6 +117,15 @@ class Tracker:
         if resume and overwrite:
             raise TrackingConfigError("resume=True and overwrite=True exclude each other: pick one.")
         self.resume = bool(resume)
+        if self.optimizer_kind != "SGD":
+            # Adam's preconditioner D_t is known only at the step: per-sample gradients are held in full until then
+            batch = getattr(self.tap.loader, "batch_size", None) or 1
+            need = batch * self.layout.size * torch.finfo(compute_dtype).bits // 8
+            if need > _ADAM_BATCH_LIMIT:
+                raise TrackingConfigError(
+                    f"{self.optimizer_kind} tracking holds each step's per-sample gradients in full until the step "
+                    f"({batch} samples × {self.layout.size} parameters = {need / 2**30:.1f} GiB). Use a smaller "
+                    "batch, track fewer parameters (optimizer groups), or train with SGD (projected in the hooks).")
 
         if any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training for m in model.modules()):
             raise TrackingConfigError(
@@ -176,12 +189,15 @@ class Tracker:
             self.log_projector = previous.projector.to(dtype=self.compute_dtype)
         else:
             self.log_projector = Projector.plan(self.layout, self.projection_dim, self.seed, self.compute_dtype)
-        if self.mode == "exact":
+        if self.mode == "exact" or self.optimizer_kind != "SGD":
+            # full-dimensional capture: exact mode needs the full rows; Adam scales them by D_t before projecting
             capture_projector = Projector.plan(self.layout, None, self.seed, self.compute_dtype).to(device)
+        else:
+            capture_projector = self.log_projector.to(device)
+        if self.mode == "exact":
             self.exact = ExactHypergradients(self.model, self.params, self.layout, self.tracked, self.n_train,
                                              self.loss_fn, self.hvp_batch)
         else:
-            capture_projector = self.log_projector.to(device)
             self.exact = None
         self._device_log_projector = self.log_projector.to(device)
         self._buffers = [(n, b) for n, b in self.model.named_buffers() if b.is_floating_point()]
@@ -206,7 +222,7 @@ class Tracker:
                 "device": str(device),
             }
             meta = new_run_meta(self.mode, self.n_train, self.layout, self.log_projector.to_json(), config,
-                                buffers_meta)
+                                buffers_meta, self.optimizer_kind)
             if self.rank == 0:
                 meta["world_size"] = self.world_size
                 try:
@@ -268,6 +284,8 @@ class Tracker:
         previous = StoreReader(path)
         meta = previous.meta
         problems = []
+        if meta.get("optimizer", "SGD") != self.optimizer_kind:
+            problems.append(f"it was tracked with {meta.get('optimizer', 'SGD')}, this is {self.optimizer_kind}")
         if meta["mode"] != self.mode:
             problems.append(f"it was tracked in {meta['mode']} mode, this is {self.mode} mode")
         if int(meta["n_train"]) != self.n_train:
@@ -362,7 +380,7 @@ class Tracker:
                     if self.step == 0:  # from the first step on: the loop itself does something untrackable
                         raise TrackingConfigError(str(exc)) from None
                     raise
-            trace_row = read_sgd_step(optimizer, self.params, self.layout)
+            trace_row = read_step(optimizer, self.params, self.layout)
             if passes:
                 samples = torch.cat([p.indices for p in passes])
                 rows = torch.cat([p.buf for p in passes])
@@ -371,6 +389,8 @@ class Tracker:
             else:
                 samples = torch.zeros(0, dtype=torch.int64)
                 rows = None
+            if rows is not None and self.optimizer_kind != "SGD":
+                rows = self._device_log_projector.project_flat(rows * self._preconditioner(optimizer, rows))
             if self.exact is not None:
                 self.capture.suspended = True
                 batch_loss = make_batch_loss(self.model, passes, self.loss_fn, _rtol(self.compute_dtype),
@@ -392,6 +412,13 @@ class Tracker:
         finally:
             self.capture.suspended = False
             self._own_seconds += time.perf_counter() - start
+
+    def _preconditioner(self, optimizer, rows: torch.Tensor) -> torch.Tensor:
+        """Adam's D_t for the step about to be taken, flat in the layout (zeros where a parameter has no .grad)."""
+        parts = [torch.zeros(s.numel, dtype=rows.dtype, device=rows.device) if d is None
+                 else d.reshape(-1).to(device=rows.device, dtype=rows.dtype)
+                 for d, s in zip(adam_preconditioner(optimizer, self.params), self.layout.slots)]
+        return torch.cat(parts)
 
     def _after_step(self, optimizer, args, kwargs) -> None:
         if not self.active or not self._pending_step:
@@ -484,7 +511,8 @@ def track(model: nn.Module, loader, store, optimizer, mode: str = "fast", projec
     """Track HYDRA hypergradients of every training sample while the user's own loop trains ``model``.
 
     Use as a context manager around an unchanged training loop that iterates ``loader`` and calls
-    ``optimizer.step()`` (``torch.optim.SGD``)::
+    ``optimizer.step()`` (``torch.optim.SGD``, or ``torch.optim.Adam``/``AdamW`` in fast mode: an
+    approximation, see ``docs/optimizers.md``)::
 
         with hydra_nb.track(model, loader, store="runs/a.zarr", optimizer=opt):
             for epoch in range(3):

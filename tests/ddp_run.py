@@ -1,6 +1,6 @@
 """One rank of a 2-process DistributedDataParallel training run under hydra_nb.track (gloo, CPU).
 
-    python tests/ddp_run.py STORE RANK WORLD PORT
+    python tests/ddp_run.py STORE RANK WORLD PORT [OPTIMIZER]     (OPTIMIZER: sgd (default) or adamw)
 
 Used by tests/test_distributed.py, which launches the ranks and compares the store with a
 single-process run over the same global batches (see ``global_batches``).
@@ -30,7 +30,9 @@ def model():
     return nn.Sequential(nn.Linear(D_IN, 6), nn.Tanh(), nn.Linear(6, C)).double()
 
 
-def optimizer(net):
+def optimizer(net, name: str = "sgd"):
+    if name == "adamw":  # Adam's D_t comes from the averaged .grad: the same on every rank
+        return torch.optim.AdamW(net.parameters(), lr=0.05, weight_decay=0.1)
     return torch.optim.SGD(net.parameters(), lr=0.2, momentum=0.9, weight_decay=0.01)
 
 
@@ -49,13 +51,13 @@ def global_batches(world: int):
     return out
 
 
-def main(store: str, rank: int, world: int, port: int) -> None:
+def main(store: str, rank: int, world: int, port: int, opt_name: str = "sgd") -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         net = nn.parallel.DistributedDataParallel(model())
         sampler = DistributedSampler(data(), num_replicas=world, rank=rank, shuffle=True, seed=SEED)
         loader = DataLoader(data(), batch_size=BATCH, sampler=sampler)
-        opt = optimizer(net)
+        opt = optimizer(net, opt_name)
         with hydra_nb.track(net, loader, store=store, optimizer=opt, projection_dim=None, strict=True):
             for epoch in range(EPOCHS):
                 sampler.set_epoch(epoch)
@@ -70,4 +72,4 @@ def main(store: str, rank: int, world: int, port: int) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]))
+    main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), *sys.argv[5:6])

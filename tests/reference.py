@@ -174,6 +174,10 @@ class Run:
         red = per.mean() if self.reduction == "mean" else per.sum()
         return red * scale
 
+    def update(self, theta: dict, grads: dict, state: dict, step: StepRecord):
+        """One optimizer step by hand (SGD here; ``AdamRun`` overrides it); graph-preserving."""
+        return self.sgd_update(theta, grads, state, step)
+
     def sgd_update(self, theta: dict, grads: dict, state: dict, step: StepRecord):
         """One SGD step by hand; returns the new theta dict (graph-preserving). ``state``: momentum buffers."""
         new = {}
@@ -247,7 +251,7 @@ def unrolled_contributions(run: Run, test_x, test_y, stops=None, loss_fn=None, r
             for n, g in zip(run.names, gs):
                 if g is not None:
                     grads[n] = grads[n] + g
-        theta = run.sgd_update(theta, grads, state, step)
+        theta = run.update(theta, grads, state, step)
     values = torch.zeros(len(test_x), len(stops), run.N, dtype=DT)
     out = {"steps": np.asarray(stops), "theta": {}, "h": {}}
     for c, s in enumerate(stops):
@@ -377,7 +381,7 @@ def replay_sgd(run: Run, weights: torch.Tensor | None = None) -> torch.Tensor:
             for n, g in zip(run.names, gs):
                 if g is not None:
                     grads[n] = grads[n] + g
-        theta = run.sgd_update(theta, grads, state, step)
+        theta = run.update(theta, grads, state, step)
         theta = {n: v.detach() for n, v in theta.items()}
     return run.flatten(theta)
 
@@ -461,14 +465,14 @@ def make_loader(X, Y, seed=3, batch_size=8, **kw):
 # harness: one tracked training run through hydra_nb's public API
 # ==========================================================================================
 def tracked_training(tmp_path, model, opt, loader, X, Y, *, epochs: int = 2, loss_fn=None, reduction: str = "mean",
-                     name: str = "run.zarr", train_kw=None, run_kw=None, **track_kw):
+                     name: str = "run.zarr", train_kw=None, run_kw=None, run_cls=None, **track_kw):
     """Train with the test loop under ``hydra_nb.track``; return (Run, opened Store).
 
     ``loss_fn`` None: cross-entropy, and hydra_nb gets its default; otherwise it is passed to track/open_store.
     """
     import hydra_nb
 
-    run = Run(model, opt, X, Y, loss_fn or ce_loss, reduction, **(run_kw or {}))
+    run = (run_cls or Run)(model, opt, X, Y, loss_fn or ce_loss, reduction, **(run_kw or {}))
     path = tmp_path / name
     track_kw.setdefault("strict", True)
     with hydra_nb.track(model, loader, store=str(path), optimizer=opt, loss_fn=loss_fn, **track_kw):
@@ -493,3 +497,143 @@ def layout_check(run: Run, store) -> None:
     assert [s.name for s in slots] == run.names
     assert [tuple(s.shape) for s in slots] == [run.shapes[n] for n in run.names]
     assert [s.offset for s in slots] == [run.offsets[n] for n in run.names]
+
+
+# ==========================================================================================
+# Adam / AdamW: the optimizer by hand, and the reference of hydra_nb's approximation
+# ==========================================================================================
+# torch.optim.Adam per tensor at its step t (t counts the tensor's own steps):
+#     g = grad (+ wd*theta, Adam's coupled L2);   theta <- theta*(1 - lr*wd) first (AdamW)
+#     m <- b1*m + (1-b1)*g;   v <- b2*v + (1-b2)*g^2;   vhat = v | max(vhat, v) (amsgrad)
+#     D = 1 / (sqrt(vhat) / sqrt(1 - b2^t) + eps);   theta <- theta - lr/(1 - b1^t) * m * D
+def _sqrt0(v: torch.Tensor) -> torch.Tensor:
+    """sqrt with derivative 0 instead of inf where v == 0 (a gradient entry that is exactly zero)."""
+    pos = v > 0
+    return torch.where(pos, torch.where(pos, v, torch.ones_like(v)).sqrt(), torch.zeros_like(v))
+
+
+class AdamRun(Run):
+    """A ``Run`` of torch.optim.Adam/AdamW: records each group's Adam hyperparameters and replays Adam."""
+
+    def before_step(self) -> None:
+        hyper = []
+        for group in self.optimizer.param_groups:
+            lr = group["lr"]
+            decoupled = bool(group.get("decoupled_weight_decay", isinstance(self.optimizer, torch.optim.AdamW)))
+            hyper.append({"lr": float(lr.item() if torch.is_tensor(lr) else lr), "beta1": float(group["betas"][0]),
+                          "beta2": float(group["betas"][1]), "eps": float(group["eps"]),
+                          "weight_decay": float(group["weight_decay"]), "amsgrad": bool(group["amsgrad"]),
+                          "decoupled": decoupled})
+            assert not group.get("maximize", False)
+        active = {n: p.grad is not None for n, p in self._live_params.items()}
+        self.steps.append(StepRecord(self._pending, hyper, active))
+        self._pending = []
+
+    def update(self, theta: dict, grads: dict, state: dict, step: StepRecord):
+        """One Adam step by hand, differentiable through m, v and D (``state[n]``: t, m, v, vmax)."""
+        new = {}
+        for n in self.names:
+            if not step.active[n]:
+                new[n] = theta[n]
+                continue
+            hp = step.hyper[self.group_of_name[n]]
+            lr, b1, b2, eps, wd = hp["lr"], hp["beta1"], hp["beta2"], hp["eps"], hp["weight_decay"]
+            st = state.setdefault(n, {"t": 0, "m": 0.0, "v": 0.0, "vmax": None})
+            th, g = theta[n], grads[n]
+            if wd != 0 and hp["decoupled"]:
+                th = th * (1 - lr * wd)
+            elif wd != 0:
+                g = g + wd * th
+            st["t"] += 1
+            st["m"] = b1 * st["m"] + (1 - b1) * g
+            st["v"] = b2 * st["v"] + (1 - b2) * g * g
+            vhat = st["v"]
+            if hp["amsgrad"]:
+                vhat = vhat if st["vmax"] is None else torch.maximum(st["vmax"], vhat)
+                st["vmax"] = vhat
+            D = 1.0 / (_sqrt0(vhat) / (1 - b2 ** st["t"]) ** 0.5 + eps)
+            new[n] = th - lr / (1 - b1 ** st["t"]) * st["m"] * D
+        return new
+
+
+def adam_hessian_free_contributions(run: AdamRun, test_x, test_y, stops=None, loss_fn=None, freeze_D=False):
+    """Reference of hydra_nb's Adam approximation, full dimension, one (h, dm/dw_i) per sample.
+
+    Approximation (1): v (hence D_t) does not depend on w, Hessian terms dropped. With
+    U = dm/dw_i and H = dtheta/dw_i, per tensor at each step:
+
+        U <- b1*U + (1-b1)*(u_t + wd*H [coupled L2]);   H <- H*(1 - lr*wd [AdamW]) - lr/(1-b1^t) * D_t * U
+
+    ``freeze_D`` adds approximation (2): each injection is preconditioned by D of the step it entered
+    and keeps it, U <- b1*U + (1-b1)*D_t*u_t and H <- H*(1 - lr*wd) - lr/(1-b1^t) * U (U is then
+    in preconditioned units). Returns the same dict as ``hessian_free_contributions``.
+    """
+    loss_fn = loss_fn or run.loss_fn
+    stops = _stops(run, stops)
+    test_x, test_y = torch.as_tensor(test_x), torch.as_tensor(test_y)
+    if test_x.is_floating_point():
+        test_x = test_x.to(DT)
+    N = run.N
+    theta = {n: run.theta0[n].clone() for n in run.names}
+    H = {n: torch.zeros(N, *run.shapes[n], dtype=DT) for n in run.names}
+    M = {n: torch.zeros(N, *run.shapes[n], dtype=DT) for n in run.names}
+    adam: dict = {}
+    hs, thetas = {}, {}
+    run.model.train()
+    for t in range(run.T + 1):
+        if t in stops:
+            hs[t] = run.flatten(H, batch_dims=1).clone()
+            thetas[t] = {n: v.clone() for n, v in theta.items()}
+        if t == run.T:
+            break
+        step = run.steps[t]
+        U = {n: torch.zeros(N, *run.shapes[n], dtype=DT) for n in run.names}
+        G = {n: torch.zeros(run.shapes[n], dtype=DT) for n in run.names}
+        params = {n: theta[n].clone().requires_grad_(True) for n in run.names}
+        plist = [params[n] for n in run.names]
+        for idx, scale, model_state in step.calls:
+            run.set_state(model_state)
+            coef = scale / len(idx) if run.reduction == "mean" else scale
+            for i in idx.tolist():
+                out = functional_call(run.model, params, (run.X[i : i + 1],))
+                li = coef * run.loss_fn(out, run.Y[i : i + 1]).sum()
+                gs = torch.autograd.grad(li, plist, allow_unused=True)
+                for n, g in zip(run.names, gs):
+                    if g is not None:
+                        U[n][i] += g
+                        G[n] += g
+        for n in run.names:
+            if not step.active[n]:
+                continue
+            hp = step.hyper[run.group_of_name[n]]
+            lr, b1, b2, eps, wd = hp["lr"], hp["beta1"], hp["beta2"], hp["eps"], hp["weight_decay"]
+            coupled = wd != 0 and not hp["decoupled"]
+            assert not (coupled and freeze_D), "approximation (2) is not defined with Adam's coupled L2"
+            st = adam.setdefault(n, {"t": 0, "m": torch.zeros_like(theta[n]), "v": torch.zeros_like(theta[n]),
+                                     "vmax": None})
+            g = G[n] + wd * theta[n] if coupled else G[n]
+            st["t"] += 1
+            st["m"] = b1 * st["m"] + (1 - b1) * g
+            st["v"] = b2 * st["v"] + (1 - b2) * g * g
+            vhat = st["v"] if not hp["amsgrad"] or st["vmax"] is None else torch.maximum(st["vmax"], st["v"])
+            if hp["amsgrad"]:
+                st["vmax"] = vhat
+            D = 1.0 / (vhat.sqrt() / (1 - b2 ** st["t"]) ** 0.5 + eps)
+            c = lr / (1 - b1 ** st["t"])
+            decay = 1 - lr * wd if hp["decoupled"] else 1.0
+            if freeze_D:
+                M[n] = b1 * M[n] + (1 - b1) * D * U[n]
+                H[n] = decay * H[n] - c * M[n]
+            else:
+                M[n] = b1 * M[n] + (1 - b1) * (U[n] + (wd * H[n] if coupled else 0.0))
+                H[n] = decay * H[n] - c * D * M[n]
+            theta[n] = decay * theta[n] - c * st["m"] * D
+    values = np.zeros((len(test_x), len(stops), N))
+    out = {"steps": np.asarray(stops), "h": hs, "theta": {}, "test_grad": {}}
+    for c, s in enumerate(stops):
+        out["theta"][s] = run.flatten(thetas[s])
+        G_test = test_gradients(run, thetas[s], test_x, test_y, loss_fn)
+        out["test_grad"][s] = G_test
+        values[:, c, :] = (-(G_test @ hs[s].T)).numpy()
+    out["values"] = values
+    return out

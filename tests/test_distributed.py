@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
@@ -35,21 +36,23 @@ class EpochBatches:
         return self.per_epoch
 
 
-def launch(store: Path, world: int = 2):
+def launch(store: Path, world: int = 2, opt_name: str = "sgd"):
     port = free_port()
     procs = [subprocess.Popen([sys.executable, str(Path(__file__).parent / "ddp_run.py"), str(store), str(r),
-                               str(world), str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                               str(world), str(port), opt_name], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
              for r in range(world)]
     outputs = [p.communicate(timeout=300)[0].decode() for p in procs]
     for r, (p, out) in enumerate(zip(procs, outputs)):
         assert p.returncode == 0, f"rank {r} failed:\n{out}"
 
 
-def test_two_ranks_equal_one_process_over_the_same_global_batches(tmp_path):
+@pytest.mark.parametrize("opt_name", ["sgd", "adamw"])
+def test_two_ranks_equal_one_process_over_the_same_global_batches(tmp_path, opt_name):
     store_path = tmp_path / "ddp.zarr"
-    launch(store_path)
+    launch(store_path, opt_name=opt_name)
     store = hydra_nb.open_store(store_path)
     assert store.status == "complete" and store.world_size == 2
+    assert store.optimizer == {"sgd": "SGD", "adamw": "AdamW"}[opt_name]
     assert [p["group"] for p in store.log_parts] == ["log/rank0", "log/rank1"]
     steps = len(ddp_run.global_batches(2))
     assert store.steps == steps and list(store.checkpoint_steps) == [0, steps // 2, steps]
@@ -59,7 +62,7 @@ def test_two_ranks_equal_one_process_over_the_same_global_batches(tmp_path):
     # the same training in one process, on the global batches
     batches = EpochBatches(ddp_run.global_batches(2), per_epoch=steps // 2)
     net = ddp_run.model()
-    opt = ddp_run.optimizer(net)
+    opt = ddp_run.optimizer(net, opt_name)
     loader = DataLoader(ddp_run.data(), batch_sampler=batches)
     with hydra_nb.track(net, loader, store=tmp_path / "one.zarr", optimizer=opt, projection_dim=None):
         for epoch in range(ddp_run.EPOCHS):

@@ -205,7 +205,7 @@ def test_missing_store_is_a_usage_error(ip):
 
 def test_unsupported_optimizer_is_refused_before_the_cell_runs(ip):
     objs = objects()
-    objs["opt"] = torch.optim.Adam(objs["model"].parameters())
+    objs["opt"] = torch.optim.RMSprop(objs["model"].parameters())
     ip.user_ns.update(objs)
     assert "torch.optim.SGD" in usage_error(ip, cell())
     assert "step" not in ip.user_ns

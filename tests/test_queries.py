@@ -196,14 +196,46 @@ def random_trace(T, P, seed=0):
     return trace
 
 
+def random_adam_trace(T: int, P: int, seed: int = 1) -> dict:
+    """An Adam/AdamW trace: per-step lr and beta1 (a scheduler may cycle it), own step counts, decoupled decay."""
+    rng = np.random.default_rng(seed)
+    active = rng.random((T, P)) < 0.85
+    beta1 = rng.uniform(0.0, 0.95, (T, P))
+    counts = np.cumsum(active, axis=0)  # Adam's per-parameter step count t after the step
+    return {"lr": rng.uniform(0.001, 0.05, (T, P)), "beta1": beta1,
+            "bias_correction1": 1 - beta1 ** np.maximum(counts, 1),
+            "weight_decay": np.broadcast_to(rng.choice([0.0, 0.5], P), (T, P)).copy(), "active": active}
+
+
+def test_adam_response_coefficients_match_a_scalar_simulation():
+    """c[S, t] for an Adam trace = h at S after a unit (preconditioned) injection at t, simulated step by step:
+    b ← β1·b + (1−β1)·r;  h ← (1−ηλ)·h − η/(1−β1^t)·b (skipped where the parameter is inactive)."""
+    T, P = 25, 4
+    trace = random_adam_trace(T, P)
+    stops = [25, 9, 17]
+    got = response_coefficients(trace, stops)
+    for j, S in enumerate(stops):
+        for t0 in range(S):
+            for p in range(P):
+                h = b = 0.0
+                for t in range(t0, S):
+                    if not trace["active"][t, p]:
+                        continue
+                    b1, lr = trace["beta1"][t, p], trace["lr"][t, p]
+                    b = b1 * b + (1 - b1) * (1.0 if t == t0 else 0.0)
+                    h = (1 - lr * trace["weight_decay"][t, p]) * h - lr / trace["bias_correction1"][t, p] * b
+                assert abs(got[j, t0, p] - h) <= 1e-12 * max(1.0, abs(h)), (S, t0, p)
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adam"])
 @pytest.mark.parametrize("trace_block, segment_bytes", [(7, 16 << 20), (4096, 1)])
-def test_sweep_matches_response_coefficients(monkeypatch, trace_block, segment_bytes):
+def test_sweep_matches_response_coefficients(monkeypatch, trace_block, segment_bytes, kind):
     import hydra_nb.query as q
 
     monkeypatch.setattr(q, "_TRACE_BLOCK", trace_block)  # several trace reads per request
     monkeypatch.setattr(q, "_SEGMENT_BYTES", segment_bytes)  # segments of one step
     T, P = 60, 3
-    trace = random_trace(T, P)
+    trace = random_trace(T, P) if kind == "sgd" else random_adam_trace(T, P)
     stops = np.array([60, 12, 37, 5])
     ref = response_coefficients(trace, stops)  # (4, 60, 3)
     sweep = _CoefficientSweep(trace, stops)

@@ -111,11 +111,17 @@ def test_one_writer_at_a_time_and_readers_see_committed_steps(tmp_path):
     np.testing.assert_allclose(contributions_at(final, 1), during, rtol=1e-12)
 
 
-def _interrupted_run(path, mode, fail_at):
+_OPTIMIZERS = {
+    "sgd": lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9),
+    "adamw": lambda ps: torch.optim.AdamW(ps, lr=0.05, weight_decay=0.1),  # its step counts resume too
+}
+
+
+def _interrupted_run(path, mode, fail_at, opt_name="sgd"):
     """Train 3 epochs of 5 steps, raising at step ``fail_at``; returns the optimizer state at each epoch end."""
     net = store_run.model()
     loader = DataLoader(store_run.data(), batch_size=8, shuffle=True, generator=torch.Generator().manual_seed(3))
-    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    opt = _OPTIMIZERS[opt_name](net.parameters())
     saved, step = {}, 0
     with pytest.raises(RuntimeError, match="power cut"):
         with hydra_nb.track(net, loader, store=path, optimizer=opt, mode=mode, projection_dim=None):
@@ -131,10 +137,10 @@ def _interrupted_run(path, mode, fail_at):
     return saved
 
 
-@pytest.mark.parametrize("mode", ["fast", "exact"])
-def test_resume_after_an_interruption_equals_an_uninterrupted_run(tmp_path, mode):
+@pytest.mark.parametrize("mode,opt_name", [("fast", "sgd"), ("exact", "sgd"), ("fast", "adamw")])
+def test_resume_after_an_interruption_equals_an_uninterrupted_run(tmp_path, mode, opt_name):
     path = tmp_path / "a.zarr"
-    saved = _interrupted_run(path, mode, fail_at=10)  # at the start of epoch 3
+    saved = _interrupted_run(path, mode, fail_at=10, opt_name=opt_name)  # at the start of epoch 3
     store = hydra_nb.open_store(path)
     assert store.steps == 10 and store.status.startswith("interrupted at step 10")
     run_id = store.meta["run_id"]
@@ -143,7 +149,7 @@ def test_resume_after_an_interruption_equals_an_uninterrupted_run(tmp_path, mode
     net = store_run.model()
     store.load_params(net)
     loader = DataLoader(store_run.data(), batch_size=8, shuffle=True, generator=torch.Generator())
-    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    opt = _OPTIMIZERS[opt_name](net.parameters())
     opt_state, rng_state = saved[10]
     opt.load_state_dict(opt_state)
     loader.generator.set_state(rng_state)
@@ -159,7 +165,7 @@ def test_resume_after_an_interruption_equals_an_uninterrupted_run(tmp_path, mode
     # the same training, never interrupted
     net = store_run.model()
     loader = DataLoader(store_run.data(), batch_size=8, shuffle=True, generator=torch.Generator().manual_seed(3))
-    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    opt = _OPTIMIZERS[opt_name](net.parameters())
     with hydra_nb.track(net, loader, store=tmp_path / "b.zarr", optimizer=opt, mode=mode, projection_dim=None):
         for epoch in range(3):
             for x, y in loader:
