@@ -169,6 +169,12 @@ def replaying(records: list[BNRecord], coupled: bool):
                 object.__setattr__(m, "forward", had)
 
 
+def _with_buffer_copies(model: nn.Module, params: dict) -> dict:
+    """Parameters plus copies of every buffer: a layer that updates its buffers in place (other than the
+    BatchNorm layers ``replaying`` handles) updates the copies, never the model's own."""
+    return {**{n: b.clone() for n, b in model.named_buffers()}, **params}
+
+
 def _chunk(batch: int, numel: int, itemsize: int) -> int:
     return max(1, min(batch, _CHUNK_BYTES // max(1, numel * itemsize)))
 
@@ -190,7 +196,7 @@ def per_sample_gradients(model: nn.Module, primals: dict[str, torch.Tensor], cal
         if coupled:
             def f(p):
                 replay.reset()
-                return torch.func.functional_call(model, p, call.args, call.kwargs)
+                return torch.func.functional_call(model, _with_buffer_copies(model, p), call.args, call.kwargs)
 
             _, vjp_fn = torch.func.vjp(f, primals)
             eye = torch.eye(B, dtype=g.dtype, device=g.device)
@@ -207,7 +213,7 @@ def per_sample_gradients(model: nn.Module, primals: dict[str, torch.Tensor], cal
 
                 def f(p):
                     replay.reset()
-                    return torch.func.functional_call(model, p, tuple(args), kwargs)
+                    return torch.func.functional_call(model, _with_buffer_copies(model, p), tuple(args), kwargs)
 
                 _, vjp_fn = torch.func.vjp(f, primals)
                 return vjp_fn(cot.unsqueeze(0))[0]
@@ -225,7 +231,7 @@ def coupled_total(model: nn.Module, primals: dict[str, torch.Tensor], call) -> d
     with replaying(call.bn_records, True) as replay:
         def f(p):
             replay.reset()
-            return torch.func.functional_call(model, p, call.args, call.kwargs)
+            return torch.func.functional_call(model, _with_buffer_copies(model, p), call.args, call.kwargs)
 
         _, vjp_fn = torch.func.vjp(f, primals)
         return vjp_fn(call.output_grad)[0]

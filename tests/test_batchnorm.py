@@ -335,3 +335,23 @@ def test_fixed_check_catches_extra_loss_terms(tmp_path):
                 opt.zero_grad()
                 (F.cross_entropy(model(x), y) + 0.1 * model[0].weight.square().sum()).backward()
                 opt.step()
+
+
+@pytest.mark.parametrize("choice", ["fixed", "exact"])
+def test_float32_batchnorm1d_over_sequences(tmp_path, choice):
+    """float32 (the .grad check's tolerance), BatchNorm1d on (B, C, L) inputs, a projection: runs through."""
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Conv1d(2, 4, 3), nn.BatchNorm1d(4), nn.ReLU(), nn.Flatten(), nn.Linear(16, 3))
+    X, Y = torch.randn(30, 2, 6), torch.randint(0, 3, (30,))
+    loader = make_loader(X, Y)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with hydra_nb.track(model, loader, store=str(tmp_path / "a.zarr"), optimizer=opt, strict=True,
+                        batchnorm=choice, projection_dim=32):
+        for _ in range(2):
+            for x, y in loader:
+                opt.zero_grad()
+                F.cross_entropy(model(x), y).backward()
+                opt.step()
+    store = hydra_nb.open_store(str(tmp_path / "a.zarr"))
+    assert store.status == "complete" and store.steps == 8
+    assert np.isfinite(store.contributions(model, X[:3], Y[:3])).all()
