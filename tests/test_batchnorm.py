@@ -355,3 +355,25 @@ def test_float32_batchnorm1d_over_sequences(tmp_path, choice):
     store = hydra_nb.open_store(str(tmp_path / "a.zarr"))
     assert store.status == "complete" and store.steps == 8
     assert np.isfinite(store.contributions(model, X[:3], Y[:3])).all()
+
+
+def test_resume_with_another_choice_refused(tmp_path):
+    model = mlp()
+    X, Y, _, _ = data_for(model)
+    loader = make_loader(X, Y)
+    opt = sgd(model)
+    path = str(tmp_path / "a.zarr")
+
+    def epoch():
+        for x, y in loader:
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+
+    with hydra_nb.track(model, loader, store=path, optimizer=opt, strict=True, batchnorm="fixed"):
+        epoch()
+    with pytest.raises(TrackingConfigError, match="it used batchnorm='fixed', this is 'exact'"):
+        hydra_nb.track(model, loader, store=path, optimizer=opt, resume=True, batchnorm="exact").__enter__()
+    with hydra_nb.track(model, loader, store=path, optimizer=opt, strict=True, resume=True, batchnorm="fixed"):
+        epoch()
+    assert hydra_nb.open_store(path).steps == 8
