@@ -197,9 +197,12 @@ def run_model(name: str, args, tmp: Path) -> tuple[dict, list[dict]]:
               projection_dim=None, **kw)
     for label, kw in runs.items():
         path = tmp / f"{name}_{label.replace(' ', '_').replace('(', '').replace(')', '')}.zarr"
-        model, s, _ = train(fresh(model_cls, args.train_seed), data, order, args, store=str(path),
-                            projection_dim=None, **kw)
-        times[label] = s
+        seconds = []
+        for _ in range(args.repeats if kw["mode"] == "fast" else 1):  # exact mode: too slow to repeat
+            model, s, _ = train(fresh(model_cls, args.train_seed), data, order, args, store=str(path),
+                                projection_dim=None, **kw)
+            seconds.append(s)
+        times[label] = s = min(seconds)
         same = all(torch.equal(plain_state[k], v) for k, v in model.state_dict().items())
         assert same, f"{label}: training with tracking differs from plain training"
         store = hydra_nb.open_store(str(path))
@@ -239,6 +242,31 @@ def run_model(name: str, args, tmp: Path) -> tuple[dict, list[dict]]:
     return {"injection": injection, "cost": cost}, table
 
 
+def cost_scaling(name: str, args, tmp: Path) -> list[dict]:
+    """CPU time of one epoch over the whole digits training set, plain and with each choice, per batch size."""
+    model_cls = MODELS[name]
+    x_tr, y_tr, _, _ = load_digits(dtype=DT)
+    data, n = (x_tr, y_tr), len(y_tr)
+    out = []
+    for B in args.cost_batch_sizes:
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(args.data_seed)).tolist()
+        order = [[perm[i:i + B] for i in range(0, n - B + 1, B)]]  # whole batches only
+        row = {"model": name, "batch": B, "steps": len(order[0])}
+        for label, kw in (("plain", {}), ("fixed", dict(batchnorm="fixed")), ("exact", dict(batchnorm="exact"))):
+            extra = dict(store=str(tmp / "cost.zarr"), projection_dim=None, **kw) if kw else {}
+            if kw:  # warm-up, not timed
+                train(fresh(model_cls, args.train_seed), data, [order[0][:2]], args, epochs=1, **extra)
+            row[f"{label}_cpu_s"] = min(train(fresh(model_cls, args.train_seed), data, order, args, epochs=1,
+                                              **extra)[1] for _ in range(args.repeats if not kw else 2))
+        row["fixed × plain"] = row["fixed_cpu_s"] / row["plain_cpu_s"]
+        row["exact × plain"] = row["exact_cpu_s"] / row["plain_cpu_s"]
+        row["exact / fixed"] = row["exact_cpu_s"] / row["fixed_cpu_s"]
+        out.append(row)
+        print(f"  cost, batch {B}: fixed {row['fixed × plain']:.1f}× plain, exact {row['exact × plain']:.1f}× plain",
+              flush=True)
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="CI smoke run: 64 samples, 1 epoch, BNCNN only")
@@ -248,9 +276,15 @@ def main(argv=None) -> int:
     ap.add_argument("--epochs", type=int, default=None, help="default 3")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--exact-samples", type=int, default=None, help="samples tracked by exact mode (default 32)")
+    ap.add_argument("--cost-batch-sizes", type=int, nargs="*", default=None,
+                    help="batch sizes of the cost scaling runs, one epoch over all 1,438 training samples "
+                         "(default 32 128; --quick: none)")
     ap.add_argument("--lr", type=float, default=0.05)
     ap.add_argument("--momentum", type=float, default=0.9)
-    ap.add_argument("--repeats", type=int, default=5, help="plain training runs timed (the fastest is the reference)")
+    ap.add_argument("--repeats", type=int, default=5,
+                    help="timed runs of plain training and of fast mode (the fastest counts; exact mode runs once)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (default 1: CPU times are steadier on a shared machine)")
     ap.add_argument("--train-seed", type=int, default=0)
     ap.add_argument("--data-seed", type=int, default=0)
     ap.add_argument("--out", default=None)
@@ -258,21 +292,25 @@ def main(argv=None) -> int:
     args.models = args.models or (["BNCNN"] if args.quick else list(MODELS))
     args.n_train = args.n_train or (64 if args.quick else 256)
     args.exact_samples = min(args.n_train, args.exact_samples or (8 if args.quick else 32))
+    if args.cost_batch_sizes is None:
+        args.cost_batch_sizes = [] if args.quick else [32, 128]
     args.epochs = args.epochs or (1 if args.quick else 3)
     args.out = args.out or ("batchnorm_error_quick" if args.quick else "batchnorm_error")
 
+    torch.set_num_threads(args.threads)
     start = time.perf_counter()
     machine = common.machine_info("cpu")
     print(f"machine: {machine['cpu_model']}, {machine['cpu_count']} cores, torch {machine['torch_version']}, "
           f"{machine['torch_threads']} threads")
     load = common.LoadMeter()
     tmp = Path(tempfile.mkdtemp(prefix="hydra_bn_"))
-    results, tables = [], []
+    results, tables, scaling = [], [], []
     try:
         for name in args.models:
             res, table = run_model(name, args, tmp)
             results.append(res)
             tables += table
+            scaling += cost_scaling(name, args, tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     wall = time.perf_counter() - start
@@ -281,12 +319,16 @@ def main(argv=None) -> int:
                        title="Injections u_t(i): fixed statistics vs batch-coupled (same rows)")
     common.print_table(tables, digits=4, title="Contributions C[test, train] (all pairs)")
     common.print_table([c for r in results for c in r["cost"]], digits=2,
-                       title="Cost: CPU time of the whole training run, this process (plain: fastest of --repeats)")
+                       title="Cost: CPU time of the whole training run, this process (plain and fast mode: fastest "
+                             "of --repeats)")
+    if scaling:
+        common.print_table(scaling, digits=2, title="Cost scaling: one epoch over all training samples, CPU time "
+                                                    "(plain: fastest of --repeats, tracked: fastest of 2)")
     print(f"\nother processes used {100 * (other or 0):.0f}% of the machine during the run")
     print(f"wall time {wall:.1f} s")
     common.write_json(args.out, {"benchmark": "batchnorm_error", "machine": machine, "config": vars(args),
                                  "wall_seconds": wall, "foreign_cpu_share": other, "results": results,
-                                 "contributions": tables})
+                                 "contributions": tables, "cost_scaling": scaling})
     return 0
 
 
