@@ -18,9 +18,9 @@ passes per step).
 
     fixed:  u_i = ∇_θ ℓ_i(θ; μ_B, σ²_B held constant)
 
-the standard approximation (as in per-sample-gradient libraries): the statistics are computed
-from the batch, then treated as constants, which makes BatchNorm a per-sample affine map. Σ_i u_i
-is then *not* ``.grad`` (the terms through the statistics are missing), so the ``.grad`` check
+the standard approximation: the statistics are computed from the batch, then treated as
+constants, which makes BatchNorm a per-sample affine map. Σ_i u_i is then *not* ``.grad`` (the
+terms through the statistics are missing), so the ``.grad`` check
 compares ``.grad`` with the batch-coupled sum instead (one extra backward per checked step).
 Computed by ``torch.func.vmap`` over samples of the model's vjp, each BatchNorm normalising with the
 recorded batch statistics.

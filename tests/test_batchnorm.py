@@ -71,29 +71,31 @@ def sgd(model):
 
 
 # -- independent per-sample references --------------------------------------------------------
-def coupled_per_sample(run: Run):
+def _copy(run: Run, template):
+    """A throwaway copy (its running statistics move): of ``template`` with its modules' modes, else all training."""
+    return copy.deepcopy(template) if template is not None else copy.deepcopy(run.model).train()
+
+
+def coupled_per_sample(run: Run, template=None):
     """grad of coef·ℓ_i(θ; batch) through the batch forward (PyTorch's BatchNorm, training mode), one i at a time."""
-    model = copy.deepcopy(run.model).train()  # its running statistics move: a throwaway copy
-
-    return _per_sample_loop(run, model)
+    return _per_sample_loop(run, _copy(run, template), _copy(run, template))
 
 
-def fixed_per_sample(run: Run):
+def fixed_per_sample(run: Run, template=None):
     """The same with the batch statistics computed from the batch and detached (F.batch_norm in eval form)."""
-    model = copy.deepcopy(run.model).train()
+    model = _copy(run, template)
     for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training:
             def forward(x, m=m):
                 dims = [0] + list(range(2, x.dim()))
                 mean, var = x.mean(dims).detach(), x.var(dims, unbiased=False).detach()
                 return F.batch_norm(x, mean, var, m.weight, m.bias, False, 0.0, m.eps)
             m.forward = forward
 
-    return _per_sample_loop(run, model)
+    return _per_sample_loop(run, model, _copy(run, template))
 
 
-def _per_sample_loop(run: Run, model: nn.Module):
-    plain = copy.deepcopy(run.model).train()
+def _per_sample_loop(run: Run, model: nn.Module, plain: nn.Module):
 
     def per_sample(params, idx, coef):
         out = {n: torch.zeros(len(idx), *run.shapes[n], dtype=DT) for n in run.names}
@@ -377,3 +379,23 @@ def test_resume_with_another_choice_refused(tmp_path):
     with hydra_nb.track(model, loader, store=path, optimizer=opt, strict=True, resume=True, batchnorm="fixed"):
         epoch()
     assert hydra_nb.open_store(path).steps == 8
+
+
+@pytest.mark.parametrize("choice", ["fixed", "exact"])
+def test_one_batchnorm_in_eval_mode_among_training_ones(tmp_path, choice):
+    """A BatchNorm layer left in eval mode normalises with its (unchanging) running statistics in the replays."""
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Linear(6, 5), nn.BatchNorm1d(5),
+                          nn.Tanh(), nn.Linear(5, 3)).to(DT)
+    with torch.no_grad():
+        model[4].running_mean.uniform_(-0.5, 0.5)
+        model[4].running_var.uniform_(0.5, 2.0)
+    model[4].eval()
+    template = copy.deepcopy(model)
+    X, Y, Xt, Yt = data_for(mlp())
+    run, store = tracked(tmp_path, model, X, Y, batchnorm=choice)
+    assert torch.equal(model[4].running_mean, template[4].running_mean)
+    ref = hessian_free_contributions(run, Xt, Yt, per_sample=REFERENCES[choice](run, template))
+    assert_replay_matches(run, ref)
+    err = rel_err(store.hypergradients(mode="fast"), ref["h"][run.T].numpy())
+    assert err < FAST_TOL, f"hypergradients rel err {err:.3e}"
