@@ -93,6 +93,7 @@ class BNRecord:
     batch: bool  # with its input's batch statistics (else with its running statistics)
     mean: torch.Tensor  # (C,) detached: the batch mean, or the running mean at the call
     var: torch.Tensor  # (C,) detached: the biased batch variance, or the running variance
+    numel: int = 0  # elements of its input (sizes the chunks of the replays)
 
 
 def _reduce_dims(x: torch.Tensor) -> list[int]:
@@ -104,8 +105,9 @@ def record(module: nn.Module, x: torch.Tensor) -> BNRecord:
     if uses_batch_stats(module):
         x = x.detach()
         dims = _reduce_dims(x)
-        return BNRecord(module, True, x.mean(dims), x.var(dims, unbiased=False))
-    return BNRecord(module, False, module.running_mean.detach().clone(), module.running_var.detach().clone())
+        return BNRecord(module, True, x.mean(dims), x.var(dims, unbiased=False), x.numel())
+    return BNRecord(module, False, module.running_mean.detach().clone(), module.running_var.detach().clone(),
+                    x.numel())
 
 
 def _normalise(module: nn.Module, x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
@@ -176,6 +178,7 @@ def _with_buffer_copies(model: nn.Module, params: dict) -> dict:
 
 
 def _chunk(batch: int, numel: int, itemsize: int) -> int:
+    """Lanes per vmap call, each holding about ``numel`` elements (its gradients or activations)."""
     return max(1, min(batch, _CHUNK_BYTES // max(1, numel * itemsize)))
 
 
@@ -190,7 +193,10 @@ def per_sample_gradients(model: nn.Module, primals: dict[str, torch.Tensor], cal
     B = g.shape[0]
     numel = sum(p.numel() for p in primals.values())
     itemsize = next(iter(primals.values())).element_size()
-    step = _chunk(B, numel, itemsize)
+    # a lane holds one sample's gradients and backpropagates through the whole batch ("exact") or one
+    # sample ("fixed"); BatchNorm inputs, a few times over, stand in for the activations
+    acts = 4 * sum(r.numel for r in call.bn_records)
+    step = _chunk(B, max(numel, acts if coupled else acts // B), itemsize)
     parts = []
     with replaying(call.bn_records, coupled) as replay:
         if coupled:
