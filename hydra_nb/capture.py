@@ -17,6 +17,10 @@ from G_b or factor-wise, T(G_b) = Σ_l CS1(δ_bl) ⊛ CS2(a_bl), whichever is ch
 loss the user wrote are accounted for: Σ_b G_b equals ``.grad``, which
 ``check`` verifies.
 
+With BatchNorm in training mode the samples of a batch are coupled and these per-layer
+formulas do not apply: the whole model's per-sample gradients are computed from its root calls
+instead, by the choice ``batchnorm`` ("fixed" or "exact", see ``batchnorm.py``).
+
 Rows of a batch are matched to dataset indices through the ``LoaderTap``.
 Nothing here raises into the user's backward: a failure is kept in
 ``failure`` and handled by the tracker at the next optimizer step.
@@ -34,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from . import batchnorm as bn
 from .batches import LoaderTap
 from .errors import TrackingConfigError, TrackingFailure
 from .projection import Block, Projector
@@ -50,6 +55,7 @@ class RootCall:
     kwargs: dict
     output: torch.Tensor
     output_grad: torch.Tensor | None = None
+    bn_records: list = field(default_factory=list)  # BatchNorm calls inside it, in order (batchnorm.BNRecord)
 
 
 @dataclass
@@ -66,6 +72,10 @@ class Pass:
         if self.buf is None:
             self.buf = torch.zeros(values.shape[0], dim, dtype=values.dtype, device=values.device)
         self.buf[:, block.offset : block.stop] += values
+
+    @property
+    def backpropagated(self) -> bool:
+        return self.buf is not None or any(c.output_grad is not None for c in self.root_calls)
 
 
 @dataclass
@@ -140,12 +150,14 @@ class GradientCapture:
     """Hooks that turn the user's backward into projected per-sample gradients, one ``Pass`` per batch."""
 
     def __init__(self, model: nn.Module, params: list[nn.Parameter], projector: Projector, tap: LoaderTap,
-                 keep_root_calls: bool = False):
+                 keep_root_calls: bool = False, batchnorm: str | None = None):
         self.model = model
         self.params = params
         self.projector = projector
         self.tap = tap
-        self.keep_root_calls = keep_root_calls
+        self.batchnorm = batchnorm  # None, or the choice for BatchNorm in training mode ("fixed" | "exact")
+        self.keep_root_calls = keep_root_calls or batchnorm is not None
+        self._bn_records: list | None = None
         self.passes: dict[int, Pass] = {}
         self.fallback_calls: list[_FallbackCall] = []
         self.failure: BaseException | None = None
@@ -161,6 +173,14 @@ class GradientCapture:
 
     # -- lifecycle -----------------------------------------------------------------------
     def attach(self) -> None:
+        if self.batchnorm is not None:
+            # the whole model's per-sample gradients, from its root calls and their BatchNorm statistics
+            self._handles.append(self.model.register_forward_pre_hook(self._root_pre_hook))
+            for module in self.model.modules():
+                if isinstance(module, _BATCHNORM):
+                    self._handles.append(module.register_forward_pre_hook(self._bn_record_hook))
+            self._handles.append(self.model.register_forward_hook(self._root_hook, with_kwargs=True))
+            return
         for module, owned, kind in self.owners:
             blocks = {name: self.projector.blocks[b] for name, b in owned}
             hook = self._fallback_hook(module, owned) if kind == "fallback" else self._layer_hook(kind, blocks)
@@ -208,13 +228,22 @@ class GradientCapture:
 
     @_guarded
     def _batchnorm_guard(self, module, args):
-        if self._capturing() and module.training:
+        if self._capturing() and bn.uses_batch_stats(module):
             self.failure = TrackingConfigError(
-                f"{type(module).__name__} in training mode mixes the samples of a batch (batch statistics), "
-                "so per-sample gradients are not defined. Put BatchNorm layers in eval mode "
-                "(e.g. `for m in model.modules(): if isinstance(m, nn.BatchNorm2d): m.eval()`), use "
-                "GroupNorm/LayerNorm, or wait for hydra_nb's BatchNorm support."
+                f"{type(module).__name__} was switched to training mode after hydra_nb.track started with every "
+                "BatchNorm layer in eval mode, so hydra_nb set up per-layer capture, which cannot follow batch "
+                "statistics. Put the model in training mode before entering hydra_nb.track (BatchNorm support: "
+                "track(..., batchnorm='fixed' or 'exact')), or keep BatchNorm in eval mode throughout."
             )
+
+    @_guarded
+    def _root_pre_hook(self, module, args):
+        self._bn_records = [] if self._capturing() else None
+
+    @_guarded
+    def _bn_record_hook(self, module, args):
+        if self._capturing() and self._bn_records is not None and args and torch.is_tensor(args[0]):
+            self._bn_records.append(bn.record(module, args[0]))
 
     def _layer_hook(self, kind: str, blocks: dict[str, Block]):
         compute = {"linear": _linear, "conv": _conv, "embedding": _embedding, "layernorm": _layernorm}[kind]
@@ -279,6 +308,12 @@ class GradientCapture:
 
     @_guarded
     def _root_hook(self, module, args, kwargs, output):
+        records, self._bn_records = self._bn_records, None
+        if self.batchnorm is not None and self._capturing() and not torch.is_tensor(output):
+            self.failure = TrackingConfigError(
+                f"With BatchNorm in training mode hydra_nb computes per-sample gradients from the model's output, "
+                f"which must be one tensor with the batch first; the model returned {type(output).__name__}.")
+            return
         if not self._capturing() or not torch.is_tensor(output) or not output.requires_grad:
             return
         leaves = [t for t in tree_flatten((args, kwargs))[0] if torch.is_tensor(t) and t.dim() > 0]
@@ -289,6 +324,7 @@ class GradientCapture:
             tuple(a.detach() if torch.is_tensor(a) else a for a in args),
             {k: v.detach() if torch.is_tensor(v) else v for k, v in kwargs.items()},
             output.detach(),
+            bn_records=records or [],
         )
 
         def on_grad(grad):
@@ -302,6 +338,7 @@ class GradientCapture:
         """The passes since the last step (or zero_grad), with every fallback gradient computed."""
         try:
             self._run_fallbacks()
+            self._run_batchnorm()
         finally:
             self.fallback_calls.clear()
         passes = [p for _, p in sorted(self.passes.items()) if p.buf is not None]
@@ -314,7 +351,7 @@ class GradientCapture:
         Passes whose backward has not run yet are kept (``zero_grad`` may come between the
         forward and the backward).
         """
-        self.passes = {g: p for g, p in self.passes.items() if p.buf is None}
+        self.passes = {g: p for g, p in self.passes.items() if not p.backpropagated}
         self.fallback_calls = [c for c in self.fallback_calls if all(x is None for x in c.cotangents)]
 
     def _run_fallbacks(self) -> None:
@@ -339,6 +376,58 @@ class GradientCapture:
             for (name, b), g in zip(call.owned, grads):
                 block = self.projector.blocks[b]
                 p.add(block, block.project_matrix(g.to(block.dtype).reshape(g.shape[0], block.rows, block.cols)), dim)
+
+    def _primals(self) -> dict[str, torch.Tensor]:
+        return {s.name: p.detach() for s, p in zip(self.projector.layout.slots, self.params)}
+
+    def _project_named(self, grads: dict[str, torch.Tensor]) -> list[tuple[Block, torch.Tensor]]:
+        out = []
+        for s, block in zip(self.projector.layout.slots, self.projector.blocks):
+            g = grads[s.name]
+            out.append((block, block.project_matrix(g.to(block.dtype).reshape(g.shape[0], block.rows, block.cols))))
+        return out
+
+    def _run_batchnorm(self) -> None:
+        """BatchNorm in training mode: per-sample gradients of the whole model for every backpropagated root call."""
+        if self.batchnorm is None:
+            return
+        dim = self.projector.dim
+        primals = None
+        for p in self.passes.values():
+            for call in p.root_calls:
+                if call.output_grad is None:
+                    continue
+                primals = primals or self._primals()
+                self.suspended = True
+                try:
+                    grads = bn.per_sample_gradients(self.model, primals, call, coupled=self.batchnorm == "exact")
+                except Exception as exc:
+                    raise TrackingFailure(
+                        f"computing per-sample gradients through BatchNorm (batchnorm={self.batchnorm!r}) failed: "
+                        f"{exc!r}. The model's forward must be a deterministic function of its inputs and "
+                        "parameters, and its output must have the batch first.") from exc
+                finally:
+                    self.suspended = False
+                for block, values in self._project_named(grads):
+                    p.add(block, values, dim)
+
+    def _pass_sum(self, p: Pass) -> torch.Tensor:
+        """What pass p put into .grad, projected: Σ_b u_b, or, for batchnorm='fixed' (whose u_b do not add up
+        to .grad), the batch-coupled gradient of its root calls (one extra vjp of the batch forward)."""
+        if self.batchnorm != "fixed":
+            return p.buf.sum(0)
+        total = torch.zeros(self.projector.dim, dtype=p.buf.dtype, device=p.buf.device)
+        primals = self._primals()
+        self.suspended = True
+        try:
+            for call in p.root_calls:
+                if call.output_grad is not None:
+                    grads = bn.coupled_total(self.model, primals, call)
+                    for block, values in self._project_named({n: g.unsqueeze(0) for n, g in grads.items()}):
+                        total[block.offset:block.stop] += values[0].to(total.dtype)
+        finally:
+            self.suspended = False
+        return total
 
     _PROBES = 4
     _PROBE_BYTES = 64 << 20
@@ -382,8 +471,13 @@ class GradientCapture:
         active = [i for i, p in enumerate(self.params) if p.grad is not None]
         if not active:
             return [], 0.0
+        if self.batchnorm is not None and not passes:
+            raise TrackingFailure(
+                "the parameters have gradients but the model passed to hydra_nb.track ran no training forward with "
+                "a backward since the last step. With BatchNorm in training mode hydra_nb computes per-sample "
+                "gradients from the calls model(x): call that model on each batch of the tracked DataLoader.")
         probe = self._probes()
-        sums = [p.buf.sum(0) for p in passes]
+        sums = [self._pass_sum(p) for p in passes]
         if probe is not None:
             r, q = probe
             if len(active) == len(self.params):

@@ -378,10 +378,11 @@ def loss_weights(output: torch.Tensor, output_grad: torch.Tensor, targets: torch
     return c.detach()
 
 
-def make_batch_loss(model: nn.Module, passes, loss_fn, rtol: float, batch_fn=None):
+def make_batch_loss(model: nn.Module, passes, loss_fn, rtol: float, batch_fn=None, replay=None):
     """L_t(θ) = Σ_passes Σ_b c_b·loss_fn(model(x; θ)_b, y_b), a function of {name: tensor}.
 
     The targets y come from each loader batch: ``batch_fn(batch)[1]`` if given, else ``batch_targets``.
+    ``replay(call)``, if given, is a context manager each root call's forward runs in (BatchNorm).
     """
     terms = []
     for p in passes:
@@ -408,7 +409,12 @@ def make_batch_loss(model: nn.Module, passes, loss_fn, rtol: float, batch_fn=Non
     def batch_loss(params):
         total = 0.0
         for call, y, c in terms:
-            out = torch.func.functional_call(model, params, call.args, call.kwargs)
+            if replay is None:
+                out = torch.func.functional_call(model, params, call.args, call.kwargs)
+            else:
+                with replay(call) as r:
+                    r.reset()
+                    out = torch.func.functional_call(model, params, call.args, call.kwargs)
             total = total + (c * loss_fn(out, y)).sum()
         return total
 

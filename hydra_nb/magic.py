@@ -135,6 +135,9 @@ class HydraMagics(Magics):
     @magic_arguments.argument("--seed", type=int, default=0, help="Projection seed.")
     @magic_arguments.argument("--store-dtype", choices=("float16", "float32", "float64"),
                               help="dtype of the stored per-sample rows.")
+    @magic_arguments.argument("--batchnorm", choices=("fixed", "exact"), default="fixed",
+                              help="BatchNorm in training mode: per-sample gradients with the batch statistics "
+                                   "held fixed, or batch-coupled (exact, slower). See docs/batchnorm.md.")
     @magic_arguments.argument("--resume", action="store_true", help="Continue the run already in --store.")
     @magic_arguments.argument("--overwrite", action="store_true", help="Replace the run already in --store.")
     @magic_arguments.argument("--strict", action="store_true",
@@ -164,7 +167,7 @@ class HydraMagics(Magics):
                       optimizer=found["optimizer"], mode=args.mode, projection_dim=args.dim,
                       exact_indices=exact_indices, loss_fn=loss_fn, checkpoint_every=args.checkpoint_every,
                       seed=args.seed, store_dtype=args.store_dtype, overwrite=args.overwrite, strict=args.strict,
-                      on_step=progress.on_step)
+                      on_step=progress.on_step, batchnorm=args.batchnorm)
         if args.resume:
             kwargs["resume"] = True
         try:

@@ -22,6 +22,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from .batchnorm import batchnorm_route, replaying
 from .batches import LoaderTap
 from .capture import GradientCapture
 from .errors import TrackingConfigError, TrackingFailure
@@ -57,7 +58,7 @@ class Tracker:
                  checkpoint_every: str | int = "epoch", *, seed: int = 0, store_dtype: str | None = None,
                  overwrite: bool = False, strict: bool = False, hvp_batch: int = 32,
                  on_step: Callable[["Tracker"], None] | None = None, resume: bool = False,
-                 batch_fn: Callable | None = None):
+                 batch_fn: Callable | None = None, batchnorm: str = "fixed"):
         if not isinstance(model, nn.Module):
             raise TrackingConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
         self.wrapper, self.rank, self.world_size = None, 0, 1
@@ -127,12 +128,8 @@ class Tracker:
                     f"({batch} samples × {self.layout.size} parameters = {need / 2**30:.1f} GiB). Use a smaller "
                     "batch, track fewer parameters (optimizer groups), or train with SGD (projected in the hooks).")
 
-        if any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training for m in model.modules()):
-            raise TrackingConfigError(
-                "The model has BatchNorm layers in training mode. Their batch statistics mix the samples of a "
-                "batch, so per-sample gradients are not defined. Put them in eval mode before tracking "
-                "(e.g. `for m in model.modules(): if isinstance(m, nn.BatchNorm2d): m.eval()`), use "
-                "GroupNorm/LayerNorm, or wait for hydra_nb's BatchNorm support.")
+        # BatchNorm in training mode couples a batch's samples: None, or how per-sample gradients are defined
+        self.batchnorm = batchnorm_route(model, batchnorm, self.world_size)
         if mode == "exact":
             if exact_indices is None:
                 tracked = np.arange(self.n_train, dtype=np.int64)
@@ -219,7 +216,7 @@ class Tracker:
                 "store_dtype": np.dtype(self.log_dtype).name, "loss_fn": "cross_entropy" if not self.custom_loss
                 else getattr(self.loss_fn, "__name__", "custom"), "custom_loss": self.custom_loss,
                 "batch_size": getattr(self.tap.loader, "batch_size", None), "torch_version": torch.__version__,
-                "device": str(device),
+                "device": str(device), "batchnorm": self.batchnorm,
             }
             meta = new_run_meta(self.mode, self.n_train, self.layout, self.log_projector.to_json(), config,
                                 buffers_meta, self.optimizer_kind)
@@ -240,7 +237,7 @@ class Tracker:
                     raise TrackingConfigError(problem)
                 self.writer = StoreWriter.attach_rank(path, self.rank)
         self.capture = GradientCapture(self.model, self.params, capture_projector, self.tap,
-                                       keep_root_calls=self.mode == "exact")
+                                       keep_root_calls=self.mode == "exact", batchnorm=self.batchnorm)
         if previous is None:
             self._checkpoint()
         try:
@@ -295,6 +292,8 @@ class Tracker:
         if meta["config"].get("projection_dim") != self.projection_dim:
             problems.append(f"it used projection_dim={meta['config'].get('projection_dim')}, "
                             f"this is {self.projection_dim}")
+        if meta["config"].get("batchnorm") != self.batchnorm:
+            problems.append(f"it used batchnorm={meta['config'].get('batchnorm')!r}, this is {self.batchnorm!r}")
         if meta["config"].get("store_dtype") != np.dtype(self.log_dtype).name:
             problems.append(f"it stores {meta['config'].get('store_dtype')} rows, this would store "
                             f"{np.dtype(self.log_dtype).name}")
@@ -394,7 +393,7 @@ class Tracker:
             if self.exact is not None:
                 self.capture.suspended = True
                 batch_loss = make_batch_loss(self.model, passes, self.loss_fn, _rtol(self.compute_dtype),
-                                             self.batch_fn)
+                                             self.batch_fn, replay=_batch_statistics if self.batchnorm else None)
                 exact_touched = True
                 if rows is not None:
                     self.exact.step(trace_row, samples, rows, batch_loss)
@@ -501,6 +500,12 @@ class Tracker:
             warnings.warn(message, TrackingStoppedWarning, stacklevel=3)
 
 
+def _batch_statistics(call):
+    """Exact mode's batch loss with BatchNorm in training mode: batch statistics as functions of θ, running
+    statistics untouched."""
+    return replaying(call.bn_records, coupled=True)
+
+
 def _torch_dtype(np_dtype) -> torch.dtype:
     return {np.float16: torch.float16, np.float32: torch.float32, np.float64: torch.float64}[np_dtype]
 
@@ -538,6 +543,12 @@ def track(model: nn.Module, loader, store, optimizer, mode: str = "fast", projec
             resume: continue the run already at ``store`` (interrupted, or complete and trained further):
             same model, dataset and options, with the model's parameters at the run's last checkpoint
             (``open_store(store).load_params(model)``); steps continue from there.
+            batchnorm: how per-sample gradients are defined with BatchNorm layers in training mode (which couple
+            a batch's samples through its statistics): ``"fixed"`` (default) the gradient of the sample's loss
+            term with the batch statistics held constant, the standard approximation, about as fast as a
+            torch.func per-sample gradient; ``"exact"`` the derivative of the batch gradient with respect to the
+            sample's weight, statistics included (about one backward pass per sample). See docs/batchnorm.md.
+            Ignored when no BatchNorm layer is in training mode at entry.
             batch_fn: exact mode, for loader batches that are neither (inputs, targets, …) tuples nor dicts
             with a ``labels``/``targets`` entry: ``batch -> (inputs, targets)``.
             on_step: called with the Tracker after every tracked optimizer step (progress displays);

@@ -204,8 +204,9 @@ class Run:
 def _test_loss(run: Run, theta: dict, x: torch.Tensor, y: torch.Tensor, loss_fn) -> torch.Tensor:
     run.set_state({a: getattr(run.live_model, a) for a in run.state_attrs})
     run.model.eval()
+    buffers = getattr(run, "test_buffers", None)  # e.g. BatchNorm running statistics as training left them
     try:
-        out = functional_call(run.model, theta, (x.unsqueeze(0),))
+        out = functional_call(run.model, {**theta, **buffers} if buffers else theta, (x.unsqueeze(0),))
     finally:
         run.model.train()
     return loss_fn(out, y.unsqueeze(0)).sum()
@@ -281,8 +282,13 @@ def unrolled_contributions(run: Run, test_x, test_y, stops=None, loss_fn=None, r
 # ==========================================================================================
 # (b) Hessian-free recursion with explicit per-sample gradients: ground truth for fast mode
 # ==========================================================================================
-def hessian_free_contributions(run: Run, test_x, test_y, stops=None, loss_fn=None):
+def hessian_free_contributions(run: Run, test_x, test_y, stops=None, loss_fn=None, per_sample=None):
     """Fast-mode ground truth: h recursion with every Hessian term dropped, full dimension.
+
+    ``per_sample(params, idx, coef)``, if given, returns ({name: (len(idx), *shape)}, {name: shape}): the
+    per-sample gradients (injections) of the batch ``idx`` (each term scaled by ``coef``) and the batch
+    gradient that trains θ, in place of the one-sample-at-a-time forward (models whose samples are
+    coupled, e.g. BatchNorm in training mode, where the two need not add up).
 
     Returns dict with ``values`` (n_test, len(stops), N), ``h`` {s: (N, D) flat dtheta_s/dw},
     ``theta`` {s: flat theta_s}, ``test_grad`` {s: (n_test, D)} for each stop s.
@@ -313,6 +319,12 @@ def hessian_free_contributions(run: Run, test_x, test_y, stops=None, loss_fn=Non
         for idx, scale, model_state in step.calls:
             run.set_state(model_state)
             coef = scale / len(idx) if run.reduction == "mean" else scale
+            if per_sample is not None:
+                gs, total = per_sample(params, idx, coef)
+                for n in run.names:
+                    U[n].index_add_(0, idx, gs[n])
+                    G[n] += total[n]
+                continue
             for i in idx.tolist():  # one occurrence at a time: repeats contribute twice
                 out = functional_call(run.model, params, (run.X[i : i + 1],))
                 li = coef * run.loss_fn(out, run.Y[i : i + 1]).sum()

@@ -391,3 +391,15 @@ def test_store_equals_hydra_nb_track(ip):
     np.testing.assert_allclose(via_magic.contributions(mlp(), x, y), direct.contributions(mlp(), x, y),
                                rtol=1e-6, atol=1e-9)
     np.testing.assert_allclose(via_magic.params_at(-1), direct.params_at(-1), rtol=0, atol=0)
+
+
+def test_batchnorm_flag(ip):
+    objs = objects()
+    torch.manual_seed(0)
+    objs["model"] = nn.Sequential(nn.Linear(D_IN, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Linear(6, C))
+    objs["opt"] = torch.optim.SGD(objs["model"].parameters(), lr=0.1)
+    ip.user_ns.update(objs)
+    r = ip.run_cell(cell(flags="--dim 16 --batchnorm exact --strict"))
+    assert r.success, r.error_in_exec
+    assert ip.user_ns["hydra_store"].meta["config"]["batchnorm"] == "exact"
+    assert "--batchnorm" in usage_error(ip, cell(store="runs/b.zarr", flags="--batchnorm approx"))
