@@ -135,9 +135,10 @@ class HydraMagics(Magics):
     @magic_arguments.argument("--seed", type=int, default=0, help="Projection seed.")
     @magic_arguments.argument("--store-dtype", choices=("float16", "float32", "float64"),
                               help="dtype of the stored per-sample rows.")
-    @magic_arguments.argument("--batchnorm", choices=("fixed", "exact"), default="fixed",
-                              help="BatchNorm in training mode: per-sample gradients with the batch statistics "
-                                   "held fixed, or batch-coupled (exact, slower). See docs/batchnorm.md.")
+    @magic_arguments.argument("--batchnorm", choices=("exact", "fixed"), default="exact",
+                              help="BatchNorm in training mode: batch-coupled per-sample gradients (exact, the "
+                                   "default), or with the batch statistics held fixed (cheaper at large batches, "
+                                   "approximate). See docs/batchnorm.md.")
     @magic_arguments.argument("--resume", action="store_true", help="Continue the run already in --store.")
     @magic_arguments.argument("--overwrite", action="store_true", help="Replace the run already in --store.")
     @magic_arguments.argument("--strict", action="store_true",

@@ -58,7 +58,7 @@ class Tracker:
                  checkpoint_every: str | int = "epoch", *, seed: int = 0, store_dtype: str | None = None,
                  overwrite: bool = False, strict: bool = False, hvp_batch: int = 32,
                  on_step: Callable[["Tracker"], None] | None = None, resume: bool = False,
-                 batch_fn: Callable | None = None, batchnorm: str = "fixed"):
+                 batch_fn: Callable | None = None, batchnorm: str = "exact"):
         if not isinstance(model, nn.Module):
             raise TrackingConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
         self.wrapper, self.rank, self.world_size = None, 0, 1
@@ -544,10 +544,11 @@ def track(model: nn.Module, loader, store, optimizer, mode: str = "fast", projec
             same model, dataset and options, with the model's parameters at the run's last checkpoint
             (``open_store(store).load_params(model)``); steps continue from there.
             batchnorm: how per-sample gradients are defined with BatchNorm layers in training mode (which couple
-            a batch's samples through its statistics): ``"fixed"`` (default) the gradient of the sample's loss
-            term with the batch statistics held constant, the standard approximation, about as fast as a
-            torch.func per-sample gradient; ``"exact"`` the derivative of the batch gradient with respect to the
-            sample's weight, statistics included (about one backward pass per sample). See docs/batchnorm.md.
+            a batch's samples through its statistics): ``"exact"`` (default) the derivative of the batch gradient
+            with respect to the sample's weight, statistics included (about one backward pass of the batch per
+            sample); ``"fixed"`` the gradient of the sample's loss term with the batch statistics held constant,
+            the standard approximation, cheaper at large batches but measured far from the true derivative
+            (docs/batchnorm.md).
             Ignored when no BatchNorm layer is in training mode at entry.
             batch_fn: exact mode, for loader batches that are neither (inputs, targets, …) tuples nor dicts
             with a ``labels``/``targets`` entry: ``batch -> (inputs, targets)``.

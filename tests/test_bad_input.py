@@ -76,7 +76,7 @@ def test_batchnorm_in_training_mode(tmp_path):
         hydra_nb.track(model, loader_of(), store=tmp_path / "a.zarr", optimizer=opt, batchnorm=True)
     loader = loader_of()
     with hydra_nb.track(model, loader, store=tmp_path / "a.zarr", optimizer=opt, strict=True) as tracker:
-        assert tracker.batchnorm == "fixed"
+        assert tracker.batchnorm == "exact"  # the default: the true batch-coupled derivative
         train(model, loader, opt)
     assert hydra_nb.open_store(tmp_path / "a.zarr").status == "complete"
 

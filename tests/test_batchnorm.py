@@ -187,7 +187,7 @@ def test_exact_mode_with_fixed_statistics_injections(tmp_path):
     """Exact Hessian, fixed-statistics injections: a documented mix; it runs and stays close to the truth."""
     model = mlp()
     X, Y, Xt, Yt = data_for(model)
-    run, store = tracked(tmp_path, model, X, Y, mode="exact", exact_indices=[0, 5])
+    run, store = tracked(tmp_path, model, X, Y, mode="exact", exact_indices=[0, 5], batchnorm="fixed")
     assert store.meta["config"]["batchnorm"] == "fixed"
     ref = unrolled_contributions(run, Xt, Yt)
     err = rel_err(store.contributions(model, Xt, Yt), ref["values"][:, 0, [0, 5]])
