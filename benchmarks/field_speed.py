@@ -28,7 +28,13 @@ and (2) as hydra_nb's exact mode does (``ExactHypergradients``: ``torch.func`` f
 ``jvp(grad(L))`` vmapped over chunks of ``hvp_batch`` vectors). Medians of ``--repeats``; the two
 results are compared (max relative difference) so the speed-up is for the same numbers.
 
+**C. Exact mode end to end.** ``hydra_nb.track(mode="exact")`` for ``--exact-n`` training samples over
+``--exact-steps`` optimizer steps (batch 64, the same SGD) with ``hvp_method`` "vmap", "loop" and "auto"
+(which times both on its first step and keeps the faster): seconds of tracked training, interleaved,
+median of ``--repeats``; the three stores' contributions are compared (max relative difference).
+
     python benchmarks/field_speed.py             # 3 repeats, 2 epochs, 10 test points
+    python benchmarks/field_speed.py --skip-e2e --skip-hvp   # only C
     python benchmarks/field_speed.py --quick     # smoke run (MLP only, 1 repeat)
     python benchmarks/field_speed.py --device cuda
 """
@@ -233,6 +239,42 @@ def bench_hvp(name, args, device) -> dict:
     return {"rows": rows}
 
 
+# -- C: exact mode end to end ---------------------------------------------------------------------
+def bench_exact(name, args, device, tmp) -> dict:
+    _, size = fc.MODELS[name]
+    x, y, xt, yt = fc.load_digits(image_size=size, dtype=torch.float32)
+    n_batches = args.exact_steps
+    x, y = x[: n_batches * args.batch_size], y[: n_batches * args.batch_size]
+    tracked = np.arange(args.exact_n)
+    times, scores, chosen = {}, {}, {}
+    methods = ["vmap", "loop", "auto"]
+    for r in range(args.repeats + 1):  # the first round is a warm-up
+        for method in methods[r % 3:] + methods[: r % 3]:
+            model = _fresh(name, args, device)
+            opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum)
+            loader = _loader(x, y, args)
+            t0 = time.perf_counter()
+            with hydra_nb.track(model, loader, store=str(tmp / f"exact_{method}.zarr"), optimizer=opt, mode="exact",
+                                projection_dim=None, exact_indices=tracked, overwrite=True, hvp_method=method,
+                                strict=True) as tracker:
+                _loop(model, opt, loader, device, 1)
+            if r:
+                times.setdefault(method, []).append(time.perf_counter() - t0)
+            chosen[method] = tracker.exact.hvp_method
+            if r == args.repeats:
+                scores[method] = hydra_nb.open_store(tmp / f"exact_{method}.zarr").contributions(
+                    model, xt[:5].to(device), yt[:5].to(device), progress=False)
+    ref = scores["vmap"]
+    rows = []
+    for m in methods:
+        med = statistics.median(times[m])
+        rows.append({"model": name, "hvp_method": m if m != "auto" else f"auto (chose {chosen['auto']})",
+                     "tracked s": med, "× vmap": med / statistics.median(times["vmap"]),
+                     "rel. diff vs vmap": float(np.linalg.norm(scores[m] - ref) / np.linalg.norm(ref))})
+    print(f"[{name} exact] " + ", ".join(f"{r['hvp_method']}: {r['tracked s']:.2f} s" for r in rows), flush=True)
+    return {"rows": rows, "times": times}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="smoke run: MLP only, 1 repeat, 1 epoch")
@@ -250,6 +292,9 @@ def main(argv=None) -> int:
     ap.add_argument("--hvp-batches", type=int, nargs="+", default=[32, 128])
     ap.add_argument("--skip-hvp", action="store_true")
     ap.add_argument("--skip-e2e", action="store_true")
+    ap.add_argument("--skip-exact", action="store_true")
+    ap.add_argument("--exact-n", type=int, default=64, help="C: training samples tracked exactly")
+    ap.add_argument("--exact-steps", type=int, default=6, help="C: optimizer steps")
     args = ap.parse_args(argv)
     q = args.quick
     args.models = args.models or (["MLP"] if q else ["MLP", "LeNet5", "ResNet8"])
@@ -262,7 +307,7 @@ def main(argv=None) -> int:
     machine = common.machine_info(device)
     print(f"machine: {machine['cpu_model']}, {fc.threads_note()}, device {device}")
     tmp = fc.tmpdir("hydra_speed_")
-    out = {"e2e": {}, "hvp": {}}
+    out = {"e2e": {}, "hvp": {}, "exact": {}}
     try:
         if not args.skip_e2e:
             for name in args.models:
@@ -270,6 +315,9 @@ def main(argv=None) -> int:
         if not args.skip_hvp:
             for name in args.models:
                 out["hvp"][name] = bench_hvp(name, args, device)
+        if not args.skip_exact:
+            for name in args.models:
+                out["exact"][name] = bench_exact(name, args, device, tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     if out["e2e"]:
@@ -281,10 +329,17 @@ def main(argv=None) -> int:
         rows = [r for v in out["hvp"].values() for r in v["rows"]]
         common.print_table(rows, digits=3, title=f"Exact mode: Hessian-vector products of a batch-{args.batch_size} "
                                                  f"loss, {args.n_vectors} vectors, median of {args.repeats}, {device}")
+    if out["exact"]:
+        rows = [r for v in out["exact"].values() for r in v["rows"]]
+        common.print_table(rows, digits=3, title=f"Exact mode end to end: {args.exact_n} samples tracked, "
+                                                 f"{args.exact_steps} steps of batch {args.batch_size}, median of "
+                                                 f"{args.repeats}, {device}")
     meter = fc.load_line(load)
     wall = time.perf_counter() - start
     print(f"\nwall time {wall:.1f} s")
     suffix = ("_quick" if q else "") + ("" if device.type == "cpu" else f"_{device.type}")
+    if args.skip_e2e and args.skip_hvp:
+        suffix += "_exact"
     common.write_json("field_speed" + suffix, {"benchmark": "field_speed", "machine": machine, "config": vars(args),
                                                "wall_seconds": wall, "load": meter, "results": out})
     return 0

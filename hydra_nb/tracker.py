@@ -26,8 +26,8 @@ from .batchnorm import batchnorm_route, replaying
 from .batches import LoaderTap
 from .capture import GradientCapture
 from .errors import TrackingConfigError, TrackingFailure
-from .hypergrad import (ExactHypergradients, adam_preconditioner, make_batch_loss, optimizer_kind, read_step,
-                        validate_optimizer)
+from .hypergrad import (HVP_METHODS, ExactHypergradients, adam_preconditioner, make_batch_loss, optimizer_kind,
+                        read_step, validate_optimizer)
 from .params import ParamLayout
 from .projection import Projector
 from .store import StoreWriter, new_run_meta, prepare_path
@@ -57,7 +57,7 @@ class Tracker:
                  projection_dim: int | None = 1024, exact_indices=None, loss_fn: Callable | None = None,
                  checkpoint_every: str | int = "epoch", *, seed: int = 0, store_dtype: str | None = None,
                  overwrite: bool = False, strict: bool = False, hvp_batch: int = 32,
-                 on_step: Callable[["Tracker"], None] | None = None, resume: bool = False,
+                 hvp_method: str = "auto", on_step: Callable[["Tracker"], None] | None = None, resume: bool = False,
                  batch_fn: Callable | None = None, batchnorm: str = "exact"):
         if not isinstance(model, nn.Module):
             raise TrackingConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
@@ -104,6 +104,9 @@ class Tracker:
         default_log = "float64" if compute_dtype == torch.float64 else "float32"
         self.log_dtype = _LOG_DTYPES[store_dtype or default_log]
         self.hvp_batch = hvp_batch
+        if hvp_method not in HVP_METHODS:
+            raise TrackingConfigError(f"hvp_method must be one of {HVP_METHODS}, got {hvp_method!r}.")
+        self.hvp_method = hvp_method
         if on_step is not None and not callable(on_step):
             raise TrackingConfigError("on_step must be a callable taking the Tracker.")
         self.on_step = on_step
@@ -193,7 +196,7 @@ class Tracker:
             capture_projector = self.log_projector.to(device)
         if self.mode == "exact":
             self.exact = ExactHypergradients(self.model, self.params, self.layout, self.tracked, self.n_train,
-                                             self.loss_fn, self.hvp_batch)
+                                             self.loss_fn, self.hvp_batch, self.hvp_method)
         else:
             self.exact = None
         self._device_log_projector = self.log_projector.to(device)
@@ -550,6 +553,10 @@ def track(model: nn.Module, loader, store, optimizer, mode: str = "fast", projec
             the standard approximation, cheaper at large batches but measured far from the true derivative
             (docs/batchnorm.md).
             Ignored when no BatchNorm layer is in training mode at entry.
+            hvp_batch, hvp_method: exact mode, how Hessian-vector products are computed: ``"vmap"``
+                (forward-over-reverse, vmapped over chunks of ``hvp_batch`` vectors), ``"loop"`` (one
+                double-backward per vector) or ``"auto"`` (default: both timed on the first step that needs
+                them, the faster kept; ``tracker.exact.hvp_method`` says which). Same numbers either way.
             batch_fn: exact mode, for loader batches that are neither (inputs, targets, …) tuples nor dicts
             with a ``labels``/``targets`` entry: ``batch -> (inputs, targets)``.
             on_step: called with the Tracker after every tracked optimizer step (progress displays);

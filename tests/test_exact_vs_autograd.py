@@ -155,10 +155,31 @@ def test_exact_plain_sgd(tmp_path):
     check_exact(model, run, store, Xt, Yt)
 
 
-def test_exact_momentum_nesterov_weight_decay(tmp_path):
+@pytest.mark.parametrize("hvp_method", ["auto", "vmap", "loop"])
+def test_exact_momentum_nesterov_weight_decay(tmp_path, hvp_method):
     model, run, store, Xt, Yt = exact_run(
-        tmp_path, lambda m: torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.02))
+        tmp_path, lambda m: torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.02),
+        hvp_method=hvp_method, hvp_batch=4)
     check_exact(model, run, store, Xt, Yt)
+
+
+def test_hvp_method_auto_times_both_and_keeps_the_faster(tmp_path):
+    import hydra_nb
+
+    X, Y, _, _ = make_data()
+    model = make_mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    loader = make_loader(X, Y)
+    run = Run(model, opt, X, Y)
+    with hydra_nb.track(model, loader, store=str(tmp_path / "a.zarr"), optimizer=opt, mode="exact",
+                        projection_dim=None, strict=True, hvp_batch=4) as tracker:
+        assert tracker.exact.hvp_method == "auto"
+        train(model, loader, opt, run, 1)
+    timed = tracker.exact.hvp_seconds
+    assert set(timed) == {"vmap", "loop"} and all(t > 0 for t in timed.values())
+    assert tracker.exact.hvp_method == min(timed, key=timed.get)
+    with pytest.raises(hydra_nb.TrackingConfigError, match="hvp_method must be one of"):
+        hydra_nb.track(model, loader, store=str(tmp_path / "b.zarr"), optimizer=opt, mode="exact", hvp_method="fast")
 
 
 def test_exact_momentum_dampening_weight_decay(tmp_path):
