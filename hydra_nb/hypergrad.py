@@ -270,7 +270,7 @@ class ExactHypergradients:
     ``"loop"``, one double-backward ``autograd.grad(∇L_t·v)`` per vector with the gradient graph built once
     per step. Which is faster depends on the model and device (benchmarks/field_speed.py: vmap 5.9× faster
     for an MLP on the CPU, 2.2× slower for a ResNet-8); ``"auto"`` times both on the first step with at
-    least two hypergradients to advance and keeps the faster.
+    least two full chunks of hypergradients to advance (or all of them) and keeps the faster.
     """
 
     def __init__(self, model: nn.Module, params: list[nn.Parameter], layout: ParamLayout,
@@ -332,7 +332,8 @@ class ExactHypergradients:
             return out
         primals = {s.name: p.detach() for s, p in zip(self.layout.slots, self.params)}
         if self.hvp_method == "auto":
-            if rows.numel() < 2:
+            enough = rows.numel() >= 2 * self.hvp_batch or rows.numel() == len(self.tracked)
+            if rows.numel() < 2 or not enough:  # time both on full chunks, once there are two of them
                 self._hvp_vmap(batch_loss, primals, rows, out)
                 return out
             n = min(self.hvp_batch, max(rows.numel() // 2, 1))

@@ -555,8 +555,8 @@ def track(model: nn.Module, loader, store, optimizer, mode: str = "fast", projec
             Ignored when no BatchNorm layer is in training mode at entry.
             hvp_batch, hvp_method: exact mode, how Hessian-vector products are computed: ``"vmap"``
                 (forward-over-reverse, vmapped over chunks of ``hvp_batch`` vectors), ``"loop"`` (one
-                double-backward per vector) or ``"auto"`` (default: both timed on the first step that needs
-                them, the faster kept; ``tracker.exact.hvp_method`` says which). Same numbers either way.
+                double-backward per vector) or ``"auto"`` (default: both timed once two full chunks of
+                hypergradients need advancing, the faster kept; ``tracker.exact.hvp_method`` says which). Same numbers either way.
             batch_fn: exact mode, for loader batches that are neither (inputs, targets, …) tuples nor dicts
             with a ``labels``/``targets`` entry: ``batch -> (inputs, targets)``.
             on_step: called with the Tracker after every tracked optimizer step (progress displays);
