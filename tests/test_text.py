@@ -23,6 +23,10 @@ from hydra_nb.examples import TEXT_CLASSES, TextTransformer, encode_texts, make_
 from reference import (assert_replay_matches, hessian_free_contributions, layout_check, make_loader, rel_err,
                        tracked_training)
 
+# torch's vmap has no batching rule for CPU flash attention: the fallback then loops (measured in
+# benchmarks/text_fallback.py); the warning says so once per call
+pytestmark = pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")
+
 LENGTH = 12
 N_TRAIN = 300
 
