@@ -18,7 +18,7 @@ default, 2 layers, 4 heads):
   script (the package is not changed), and the gradient check's part (``GradientCapture.check``,
   every step on the CPU) likewise.
 
-    python benchmarks/text_fallback.py            # 5 repeats per size, 1 torch thread
+    python benchmarks/text_fallback.py            # 7 repeats per size, 1 torch thread
     python benchmarks/text_fallback.py --quick    # 3 repeats (smoke run)
 """
 
@@ -168,12 +168,12 @@ def bench_size(d_model: int, args, tmp: Path) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="3 repeats")
-    ap.add_argument("--repeats", type=int, default=None, help="timed epochs of each kind (default 5; --quick 3)")
+    ap.add_argument("--repeats", type=int, default=None, help="timed epochs of each kind (default 7; --quick 3)")
     ap.add_argument("--sizes", type=int, nargs="+", default=[32, 64], help="d_model values")
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--length", type=int, default=16, help="tokens per sentence after padding")
-    ap.add_argument("--n-train", type=int, default=256, help="sentences (256 = 4 steps per epoch)")
+    ap.add_argument("--n-train", type=int, default=1024, help="sentences (1024 = 16 steps per epoch)")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--projection-dim", type=int, default=1024)
     ap.add_argument("--lr", type=float, default=0.05)
@@ -182,7 +182,7 @@ def main(argv=None) -> int:
                     help="torch threads (default 1: steadier timings on a shared 2-core machine)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    args.repeats = args.repeats if args.repeats is not None else (3 if args.quick else 5)
+    args.repeats = args.repeats if args.repeats is not None else (3 if args.quick else 7)
 
     start = time.perf_counter()
     machine = common.machine_info("cpu")
