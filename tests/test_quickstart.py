@@ -32,3 +32,4 @@ def test_the_readme_runs_the_quickstart_notebook():
     nb = nbformat.read(quickstart.NOTEBOOK, as_version=4)
     source = "\n".join(c.source for c in nb.cells)
     assert "%%hydra_track" in source and "top_k" in source and "hydra_nb.explore" in source
+    assert 'mode="exact", exact_indices=candidates' in source  # the fast ranking is checked against exact mode
