@@ -568,7 +568,8 @@ class AdamRun(Run):
         return new
 
 
-def adam_hessian_free_contributions(run: AdamRun, test_x, test_y, stops=None, loss_fn=None, freeze_D=False):
+def adam_hessian_free_contributions(run: AdamRun, test_x, test_y, stops=None, loss_fn=None, freeze_D=False,
+                                    per_sample=None):
     """Reference of hydra_nb's Adam approximation, full dimension, one (h, dm/dw_i) per sample.
 
     Approximation (1): v (hence D_t) does not depend on w, Hessian terms dropped. With
@@ -578,7 +579,8 @@ def adam_hessian_free_contributions(run: AdamRun, test_x, test_y, stops=None, lo
 
     ``freeze_D`` adds approximation (2): each injection is preconditioned by D of the step it entered
     and keeps it, U <- b1*U + (1-b1)*D_t*u_t and H <- H*(1 - lr*wd) - lr/(1-b1^t) * U (U is then
-    in preconditioned units). Returns the same dict as ``hessian_free_contributions``.
+    in preconditioned units). ``per_sample`` as in ``hessian_free_contributions`` (coupled samples, e.g.
+    BatchNorm in training mode). Returns the same dict as ``hessian_free_contributions``.
     """
     loss_fn = loss_fn or run.loss_fn
     stops = _stops(run, stops)
@@ -606,6 +608,12 @@ def adam_hessian_free_contributions(run: AdamRun, test_x, test_y, stops=None, lo
         for idx, scale, model_state in step.calls:
             run.set_state(model_state)
             coef = scale / len(idx) if run.reduction == "mean" else scale
+            if per_sample is not None:
+                gs, total = per_sample(params, idx, coef)
+                for n in run.names:
+                    U[n].index_add_(0, idx, gs[n])
+                    G[n] += total[n]
+                continue
             for i in idx.tolist():
                 out = functional_call(run.model, params, (run.X[i : i + 1],))
                 li = coef * run.loss_fn(out, run.Y[i : i + 1]).sum()

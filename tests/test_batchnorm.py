@@ -23,13 +23,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
-from torch.utils.data import DataLoader, TensorDataset
 
 import hydra_nb
 from hydra_nb import TrackingConfigError
 from hydra_nb.batchnorm import batchnorm_route
-from reference import (DT, Run, assert_replay_matches, ce_loss, hessian_free_contributions, layout_check, make_loader,
-                       rel_err, train, unrolled_contributions)
+from reference import (DT, AdamRun, Run, adam_hessian_free_contributions, assert_replay_matches, ce_loss,
+                       hessian_free_contributions, layout_check, make_loader, rel_err, train, unrolled_contributions)
 
 FAST_TOL = 1e-8
 EXACT_TOL = 1e-6
@@ -413,3 +412,27 @@ def test_chunked_replays_give_the_same_rows(tmp_path, monkeypatch, choice):
     _, chunked = tracked(tmp_path, cnn(), X, Y, batchnorm=choice, name="chunked.zarr")
     np.testing.assert_allclose(chunked.hypergradients(mode="fast"), whole.hypergradients(mode="fast"),
                                rtol=1e-12, atol=1e-15)
+
+
+# -- with Adam ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("choice", ["exact", "fixed"])
+def test_adamw_with_batchnorm_matches_the_adam_reference(tmp_path, choice):
+    """Adam's preconditioner and BatchNorm's per-sample gradients compose: the stored rows are D_s ⊙ u_s
+    with u_s the chosen BatchNorm injection, as the independent Adam reference computes them."""
+    model = mlp()
+    X, Y, Xt, Yt = data_for(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.02, weight_decay=0.01)
+    loader = make_loader(X, Y)
+    run = AdamRun(model, opt, X, Y, ce_loss, "mean")
+    with hydra_nb.track(model, loader, store=str(tmp_path / "a.zarr"), optimizer=opt, projection_dim=None,
+                        strict=True, batchnorm=choice):
+        train(model, loader, opt, run, 2)
+    store = hydra_nb.open_store(str(tmp_path / "a.zarr"))
+    run.test_buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
+    ref = adam_hessian_free_contributions(run, Xt, Yt, freeze_D=True, per_sample=REFERENCES[choice](run))
+    assert_replay_matches(run, ref)
+    err = rel_err(store.contributions(model, Xt, Yt), ref["values"][:, 0])
+    assert err < FAST_TOL, f"contributions rel err {err:.3e}"
+    other = adam_hessian_free_contributions(run, Xt, Yt, freeze_D=True,
+                                            per_sample=REFERENCES[{"fixed": "exact", "exact": "fixed"}[choice]](run))
+    assert rel_err(store.contributions(model, Xt, Yt), other["values"][:, 0]) > 1e-4
