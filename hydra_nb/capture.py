@@ -36,6 +36,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from . import batchnorm as bn
@@ -561,7 +562,10 @@ def _per_sample_vjp(call: _FallbackCall, params: list[nn.Parameter]) -> list[tor
             full_cots.append(torch.zeros_like(o) if c is None else c.unsqueeze(0))
         return vjp_fn(tuple(full_cots))[0]
 
-    grads = torch.func.vmap(one, in_dims=(leaf_dims, cot_dims), randomness="error")(call.leaves, call.cotangents)
+    # torch's fused attention kernels have no vmap batching rule (vmap would loop over the samples one at a
+    # time); the math backend is made of batchable ops and gives the same values to float round-off
+    with sdpa_kernel(SDPBackend.MATH):
+        grads = torch.func.vmap(one, in_dims=(leaf_dims, cot_dims), randomness="error")(call.leaves, call.cotangents)
     return [grads[name] for name, _ in call.owned]
 
 
