@@ -282,6 +282,50 @@ def unrolled_contributions(run: Run, test_x, test_y, stops=None, loss_fn=None, r
 # ==========================================================================================
 # (b) Hessian-free recursion with explicit per-sample gradients: ground truth for fast mode
 # ==========================================================================================
+def _step_injections(run: Run, step: StepRecord, theta: dict, per_sample=None) -> tuple[dict, dict]:
+    """(U, G) of one optimizer step at parameters ``theta``: U[n] (N, *shape) each sample's injection as it
+    entered .grad (summed over its occurrences and backward calls), G[n] the batch gradient that trains θ.
+
+    Without ``per_sample``, one sample at a time through its own forward; with it (coupled samples, e.g.
+    BatchNorm in training mode), ``per_sample(params, idx, coef)`` gives both for each backward call.
+    """
+    U = {n: torch.zeros(run.N, *run.shapes[n], dtype=DT) for n in run.names}
+    G = {n: torch.zeros(run.shapes[n], dtype=DT) for n in run.names}
+    params = {n: theta[n].clone().requires_grad_(True) for n in run.names}
+    plist = [params[n] for n in run.names]
+    for idx, scale, model_state in step.calls:
+        run.set_state(model_state)
+        coef = scale / len(idx) if run.reduction == "mean" else scale
+        if per_sample is not None:
+            gs, total = per_sample(params, idx, coef)
+            for n in run.names:
+                U[n].index_add_(0, idx, gs[n])
+                G[n] += total[n]
+            continue
+        for i in idx.tolist():  # one occurrence at a time: repeats contribute twice
+            out = functional_call(run.model, params, (run.X[i : i + 1],))
+            li = coef * run.loss_fn(out, run.Y[i : i + 1]).sum()
+            gs = torch.autograd.grad(li, plist, allow_unused=True)
+            for n, g in zip(run.names, gs):
+                if g is not None:
+                    U[n][i] += g
+                    G[n] += g
+    return U, G
+
+
+def _contributions_at_stops(run: Run, stops, hs: dict, thetas: dict, test_x, test_y, loss_fn) -> dict:
+    """contribution[j, c, i] = −∇L(z_j; θ_s)ᵀ·h_s[i] at each stop s, with θ_s, h_s and test gradients."""
+    values = np.zeros((len(test_x), len(stops), run.N))
+    out = {"steps": np.asarray(stops), "h": hs, "theta": {}, "test_grad": {}}
+    for c, s in enumerate(stops):
+        out["theta"][s] = run.flatten(thetas[s])
+        G_test = test_gradients(run, thetas[s], test_x, test_y, loss_fn)
+        out["test_grad"][s] = G_test
+        values[:, c, :] = (-(G_test @ hs[s].T)).numpy()
+    out["values"] = values
+    return out
+
+
 def hessian_free_contributions(run: Run, test_x, test_y, stops=None, loss_fn=None, per_sample=None):
     """Fast-mode ground truth: h recursion with every Hessian term dropped, full dimension.
 
@@ -312,27 +356,7 @@ def hessian_free_contributions(run: Run, test_x, test_y, stops=None, loss_fn=Non
         if t == run.T:
             break
         step = run.steps[t]
-        U = {n: torch.zeros(N, *run.shapes[n], dtype=DT) for n in run.names}
-        G = {n: torch.zeros(run.shapes[n], dtype=DT) for n in run.names}
-        params = {n: theta[n].clone().requires_grad_(True) for n in run.names}
-        plist = [params[n] for n in run.names]
-        for idx, scale, model_state in step.calls:
-            run.set_state(model_state)
-            coef = scale / len(idx) if run.reduction == "mean" else scale
-            if per_sample is not None:
-                gs, total = per_sample(params, idx, coef)
-                for n in run.names:
-                    U[n].index_add_(0, idx, gs[n])
-                    G[n] += total[n]
-                continue
-            for i in idx.tolist():  # one occurrence at a time: repeats contribute twice
-                out = functional_call(run.model, params, (run.X[i : i + 1],))
-                li = coef * run.loss_fn(out, run.Y[i : i + 1]).sum()
-                gs = torch.autograd.grad(li, plist, allow_unused=True)
-                for n, g in zip(run.names, gs):
-                    if g is not None:
-                        U[n][i] += g
-                        G[n] += g
+        U, G = _step_injections(run, step, theta, per_sample)
         for n in run.names:
             if not step.active[n]:
                 continue
@@ -352,15 +376,7 @@ def hessian_free_contributions(run: Run, test_x, test_y, stops=None, loss_fn=Non
                 s, ds = d, dd
             theta[n] = theta[n] - lr * s
             H[n] = H[n] - lr * ds
-    values = np.zeros((len(test_x), len(stops), N))
-    out = {"steps": np.asarray(stops), "h": hs, "theta": {}, "test_grad": {}}
-    for c, s in enumerate(stops):
-        out["theta"][s] = run.flatten(thetas[s])
-        G_test = test_gradients(run, thetas[s], test_x, test_y, loss_fn)
-        out["test_grad"][s] = G_test
-        values[:, c, :] = (-(G_test @ hs[s].T)).numpy()
-    out["values"] = values
-    return out
+    return _contributions_at_stops(run, stops, hs, thetas, test_x, test_y, loss_fn)
 
 
 def test_gradients(run: Run, theta: dict, test_x, test_y, loss_fn=None) -> torch.Tensor:
@@ -601,27 +617,7 @@ def adam_hessian_free_contributions(run: AdamRun, test_x, test_y, stops=None, lo
         if t == run.T:
             break
         step = run.steps[t]
-        U = {n: torch.zeros(N, *run.shapes[n], dtype=DT) for n in run.names}
-        G = {n: torch.zeros(run.shapes[n], dtype=DT) for n in run.names}
-        params = {n: theta[n].clone().requires_grad_(True) for n in run.names}
-        plist = [params[n] for n in run.names]
-        for idx, scale, model_state in step.calls:
-            run.set_state(model_state)
-            coef = scale / len(idx) if run.reduction == "mean" else scale
-            if per_sample is not None:
-                gs, total = per_sample(params, idx, coef)
-                for n in run.names:
-                    U[n].index_add_(0, idx, gs[n])
-                    G[n] += total[n]
-                continue
-            for i in idx.tolist():
-                out = functional_call(run.model, params, (run.X[i : i + 1],))
-                li = coef * run.loss_fn(out, run.Y[i : i + 1]).sum()
-                gs = torch.autograd.grad(li, plist, allow_unused=True)
-                for n, g in zip(run.names, gs):
-                    if g is not None:
-                        U[n][i] += g
-                        G[n] += g
+        U, G = _step_injections(run, step, theta, per_sample)
         for n in run.names:
             if not step.active[n]:
                 continue
@@ -648,12 +644,4 @@ def adam_hessian_free_contributions(run: AdamRun, test_x, test_y, stops=None, lo
                 M[n] = b1 * M[n] + (1 - b1) * (U[n] + (wd * H[n] if coupled else 0.0))
                 H[n] = decay * H[n] - c * D * M[n]
             theta[n] = decay * theta[n] - c * st["m"] * D
-    values = np.zeros((len(test_x), len(stops), N))
-    out = {"steps": np.asarray(stops), "h": hs, "theta": {}, "test_grad": {}}
-    for c, s in enumerate(stops):
-        out["theta"][s] = run.flatten(thetas[s])
-        G_test = test_gradients(run, thetas[s], test_x, test_y, loss_fn)
-        out["test_grad"][s] = G_test
-        values[:, c, :] = (-(G_test @ hs[s].T)).numpy()
-    out["values"] = values
-    return out
+    return _contributions_at_stops(run, stops, hs, thetas, test_x, test_y, loss_fn)
