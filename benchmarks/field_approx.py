@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import shutil
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -69,10 +68,7 @@ def main(argv=None) -> int:
     args.n_tracked = args.n_tracked or (40 if q else 200)
     args.n_test = args.n_test or (10 if q else 50)
     torch.set_default_dtype(torch.float64)
-    start = time.perf_counter()
-    load = common.LoadMeter()
-    machine = common.machine_info()
-    print(f"machine: {machine['cpu_model']}, {fc.threads_note()}")
+    session = fc.FieldRun()
     runs = []
     for name in args.models:
         x, y, xt, yt = fc.digits(name)
@@ -112,15 +108,10 @@ def main(argv=None) -> int:
                              "rel. error": fc.pm([r["checkpoints"][c]["rel_err"] for r in rs]),
                              "Spearman": fc.pm([r["checkpoints"][c]["spearman"] for r in rs]),
                              "top-10 overlap": fc.pm([r["checkpoints"][c]["top10"] for r in rs], 2)})
-    wall = time.perf_counter() - start
     common.print_table(rows, title=f"Fast vs exact HYDRA over training: {args.n_tracked} samples tracked exactly, "
                                    f"{args.n_test} test points, batch {args.batch_size}, float64, seeds {args.seeds} "
                                    f"(mean ± std)")
-    meter = fc.load_line(load)
-    print(f"\nwall time {wall:.1f} s")
-    common.write_json("field_approx" + ("_quick" if q else ""), {
-        "benchmark": "field_approx", "machine": machine, "config": vars(args), "wall_seconds": wall, "load": meter,
-        "runs": runs, "table": rows})
+    session.finish("field_approx", "_quick" if q else "", vars(args), runs=runs, table=rows)
     return 0
 
 

@@ -256,12 +256,26 @@ def pm(values, digits: int = 3) -> str:
     return "nan" if math.isnan(m) else f"{m:.{digits}f} ± {s:.{digits}f}"
 
 
-def load_line(meter: common.LoadMeter) -> dict:
-    r = meter.read()
-    share = r["foreign_cpu_share"]
-    print(f"other processes used {100 * (share or 0):.0f}% of the machine's CPU during this run "
-          f"(wall {r['wall_s']:.1f} s)", flush=True)
-    return r
+class FieldRun:
+    """One run of a field benchmark: started on construction (wall clock, the other processes' CPU use,
+    the machine, printed), finished by ``finish`` (load line, wall time, JSON under benchmarks/out/)."""
+
+    def __init__(self, device="cpu"):
+        self.start = time.perf_counter()
+        self.load = common.LoadMeter()
+        self.machine = common.machine_info(device)
+        where = "" if torch.device(device).type == "cpu" else f", device {device}"
+        print(f"machine: {self.machine['cpu_model']}, {threads_note()}{where}")
+
+    def finish(self, benchmark: str, suffix: str, config: dict, **results) -> None:
+        """Print the load and wall time; write ``<benchmark><suffix>.json`` with the machine, config and results."""
+        r = self.load.read()
+        print(f"other processes used {100 * (r['foreign_cpu_share'] or 0):.0f}% of the machine's CPU during this "
+              f"run (wall {r['wall_s']:.1f} s)", flush=True)
+        wall = time.perf_counter() - self.start
+        print(f"\nwall time {wall:.1f} s")
+        common.write_json(benchmark + suffix, {"benchmark": benchmark, "machine": self.machine, "config": config,
+                                               "wall_seconds": wall, "load": r, **results})
 
 
 def tmpdir(prefix: str) -> Path:

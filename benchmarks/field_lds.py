@@ -179,10 +179,7 @@ def main(argv=None) -> int:
         exact_seeds[k] = int(v)
     torch.set_default_dtype(torch.float64)
 
-    start = time.perf_counter()
-    load = common.LoadMeter()
-    machine = common.machine_info()
-    print(f"machine: {machine['cpu_model']}, {fc.threads_note()}")
+    session = fc.FieldRun()
     cfg = argparse.Namespace(lr=args.lr, momentum=args.momentum, batch_size=args.batch_size, epochs=args.epochs,
                              data_seed=0)
     fc.train_plain(fc.make_model("MLP", 0), *fc.digits("MLP")[:2], cfg)  # warm-up (first-call costs)
@@ -240,7 +237,6 @@ def main(argv=None) -> int:
             secs = [r["seconds"][meth] for r in results[name] if meth in r["seconds"]]
             row[f"{name} s"] = f"{np.mean(secs):.1f}" if secs else "–"
         rows.append(row)
-    wall = time.perf_counter() - start
     common.print_table(rows, title=f"LDS on digits, {len(args.seeds)} seeds × {args.subsets} random 50% subsets, "
                                    f"{args.n_test} test points, {args.epochs} epochs SGD(lr {args.lr}, momentum "
                                    f"{args.momentum}, batch {args.batch_size}), float64")
@@ -248,11 +244,8 @@ def main(argv=None) -> int:
           "s: seconds from scratch to the scores (training, tracking, checkpoints, curvature, query); "
           "plain training alone: " + ", ".join(
               f"{n} {np.mean([r['info']['plain_train_s'] for r in results[n]]):.2f} s" for n in args.models))
-    meter = fc.load_line(load)
-    print(f"\nwall time {wall:.1f} s")
-    common.write_json("field_lds" + ("_quick" if q else ""), {
-        "benchmark": "field_lds", "machine": machine, "config": {**vars(args), "exact_seeds": exact_seeds},
-        "wall_seconds": wall, "load": meter, "results": results, "table": rows})
+    session.finish("field_lds", "_quick" if q else "", {**vars(args), "exact_seeds": exact_seeds},
+               results=results, table=rows)
     return 0
 
 

@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import shutil
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -79,10 +78,7 @@ def main(argv=None) -> int:
     args.n_extreme = args.n_extreme or (5 if q else 20)
     args.epochs = args.epochs or (1 if q else 4)
     torch.set_default_dtype(torch.float64)
-    start = time.perf_counter()
-    load = common.LoadMeter()
-    machine = common.machine_info()
-    print(f"machine: {machine['cpu_model']}, {fc.threads_note()}")
+    session = fc.FieldRun()
     x, y, xt, yt = fc.digits("MLP")
     cfg = argparse.Namespace(lr=args.lr, momentum=args.momentum, batch_size=args.batch_size, epochs=args.epochs,
                              data_seed=0)
@@ -151,16 +147,11 @@ def main(argv=None) -> int:
         else:
             row["slope actual/predicted"] = "– (other units)"
         rows.append(row)
-    wall = time.perf_counter() - start
     common.print_table(rows, digits=3, title=f"Leave-one-out on the MLP, {len(args.seeds)} seeds × {args.n_test} test "
                                              f"points × ({args.n_extreme} most + {args.n_extreme} least influential), "
                                              f"{args.epochs} epochs")
     print("Pearson per test point: mean ± std over (seed, test point) of the correlation over its candidates")
-    meter = fc.load_line(load)
-    print(f"\nwall time {wall:.1f} s")
-    common.write_json("field_loo" + ("_quick" if q else ""), {
-        "benchmark": "field_loo", "machine": machine, "config": vars(args), "wall_seconds": wall, "load": meter,
-        "pairs": pairs, "table": rows})
+    session.finish("field_loo", "_quick" if q else "", vars(args), pairs=pairs, table=rows)
     return 0
 
 

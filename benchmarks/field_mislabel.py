@@ -156,10 +156,7 @@ def main(argv=None) -> int:
     args.epochs = args.epochs or (3 if args.quick else 20)
     args.ks = [1024, None]
     torch.set_default_dtype(torch.float64)
-    start = time.perf_counter()
-    load = common.LoadMeter()
-    machine = common.machine_info()
-    print(f"machine: {machine['cpu_model']}, {fc.threads_note()}")
+    session = fc.FieldRun()
     cfg = argparse.Namespace(lr=args.lr, momentum=args.momentum, batch_size=args.batch_size, epochs=args.epochs,
                              data_seed=0)
     x, y, xt, yt = fc.digits("MLP")
@@ -193,12 +190,7 @@ def main(argv=None) -> int:
               f"recall {fc.pm([f['recall'] for f in fl], 2)}; test accuracy of the noisy-label model "
               f"{fc.pm([r['test_acc'] for r in rs], 3)}; plain training {np.mean([r['plain_train_s'] for r in rs]):.1f} s")
     print("s: seconds from scratch to the ranking (training/tracking, checkpoints, curvature, CV trainings)")
-    meter = fc.load_line(load)
-    wall = time.perf_counter() - start
-    print(f"\nwall time {wall:.1f} s")
-    common.write_json("field_mislabel" + ("_quick" if args.quick else ""), {
-        "benchmark": "field_mislabel", "machine": machine, "config": vars(args), "wall_seconds": wall,
-        "load": meter, "runs": runs})
+    session.finish("field_mislabel", "_quick" if args.quick else "", vars(args), runs=runs)
     return 0
 
 

@@ -302,10 +302,7 @@ def main(argv=None) -> int:
     args.repeats = args.repeats or (1 if q else 3)
     args.n_vectors = args.n_vectors or (32 if q else 256)
     device = torch.device(args.device)
-    start = time.perf_counter()
-    load = common.LoadMeter()
-    machine = common.machine_info(device)
-    print(f"machine: {machine['cpu_model']}, {fc.threads_note()}, device {device}")
+    session = fc.FieldRun(device)
     tmp = fc.tmpdir("hydra_speed_")
     out = {"e2e": {}, "hvp": {}, "exact": {}}
     try:
@@ -334,14 +331,10 @@ def main(argv=None) -> int:
         common.print_table(rows, digits=3, title=f"Exact mode end to end: {args.exact_n} samples tracked, "
                                                  f"2 × {args.exact_steps} steps of batch {args.batch_size}, median of "
                                                  f"{args.repeats}, {device}")
-    meter = fc.load_line(load)
-    wall = time.perf_counter() - start
-    print(f"\nwall time {wall:.1f} s")
     suffix = ("_quick" if q else "") + ("" if device.type == "cpu" else f"_{device.type}")
     if args.skip_e2e and args.skip_hvp:
         suffix += "_exact"
-    common.write_json("field_speed" + suffix, {"benchmark": "field_speed", "machine": machine, "config": vars(args),
-                                               "wall_seconds": wall, "load": meter, "results": out})
+    session.finish("field_speed", suffix, vars(args), results=out)
     return 0
 
 
