@@ -324,14 +324,16 @@ def test_model_output_not_a_tensor(tmp_path):
                 opt.step()
 
 
-def test_fixed_check_catches_extra_loss_terms(tmp_path):
-    """With 'fixed' the .grad check compares .grad with the batch-coupled sum: a manual L2 penalty is caught."""
+@pytest.mark.parametrize("choice", ["fixed", "exact"])
+def test_check_catches_extra_loss_terms(tmp_path, choice):
+    """The .grad check catches a manual L2 penalty with either choice ('fixed' compares .grad with the
+    batch-coupled sum, since its own per-sample gradients need not add up to it)."""
     model = mlp()
     X, Y, _, _ = data_for(model)
     loader = make_loader(X, Y)
     opt = sgd(model)
     with pytest.raises(TrackingConfigError, match="do not add up to the parameters' .grad"):
-        with hydra_nb.track(model, loader, store=str(tmp_path / "a.zarr"), optimizer=opt):
+        with hydra_nb.track(model, loader, store=str(tmp_path / "a.zarr"), optimizer=opt, batchnorm=choice):
             for x, y in loader:
                 opt.zero_grad()
                 (F.cross_entropy(model(x), y) + 0.1 * model[0].weight.square().sum()).backward()

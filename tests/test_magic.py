@@ -399,7 +399,7 @@ def test_batchnorm_flag(ip):
     objs["model"] = nn.Sequential(nn.Linear(D_IN, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Linear(6, C))
     objs["opt"] = torch.optim.SGD(objs["model"].parameters(), lr=0.1)
     ip.user_ns.update(objs)
-    r = ip.run_cell(cell(flags="--dim 16 --batchnorm exact --strict"))
+    r = ip.run_cell(cell(flags="--dim 16 --batchnorm fixed --strict"))  # not the default ("exact")
     assert r.success, r.error_in_exec
-    assert ip.user_ns["hydra_store"].meta["config"]["batchnorm"] == "exact"
+    assert ip.user_ns["hydra_store"].meta["config"]["batchnorm"] == "fixed"
     assert "--batchnorm" in usage_error(ip, cell(store="runs/b.zarr", flags="--batchnorm approx"))
