@@ -11,8 +11,10 @@ import math
 import os
 import platform
 import random
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -210,6 +212,17 @@ def print_table(rows: list[dict], columns: list[str] | None = None, digits: int 
     if title:
         print(f"\n### {title}\n")
     print(markdown_table(rows, columns, digits), flush=True)
+
+
+def scratch_dir(where: str | None, needs_bytes: float, prefix: str) -> Path:
+    """A fresh temporary folder under ``where`` (default: the system's), after checking that twice
+    ``needs_bytes`` is free there; exits with a message saying to pass --dir otherwise."""
+    root = Path(where or tempfile.gettempdir())
+    free = shutil.disk_usage(root).free
+    if free < 2 * needs_bytes:
+        sys.exit(f"{root} has {fmt_bytes(free)} free; the store needs about {fmt_bytes(needs_bytes)} "
+                 "(twice that free is required). Pass --dir.")
+    return Path(tempfile.mkdtemp(prefix=prefix, dir=root))
 
 
 def fmt_bytes(n: float) -> str:

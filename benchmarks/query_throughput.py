@@ -31,7 +31,6 @@ import argparse
 import shutil
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -128,12 +127,7 @@ def main() -> None:
     repeats = args.repeats or (2 if args.quick else 3)
     common.seed_everything(0)
     expected = N * args.epochs * args.k * 4
-    tmp_root = Path(args.dir or tempfile.gettempdir())
-    free = shutil.disk_usage(tmp_root).free
-    if free < 2 * expected:
-        sys.exit(f"{tmp_root} has {common.fmt_bytes(free)} free; the store needs about {common.fmt_bytes(expected)} "
-                 "(twice that free is required). Pass --dir.")
-    tmp = Path(tempfile.mkdtemp(prefix="hydra_nb_query_", dir=tmp_root))
+    tmp = common.scratch_dir(args.dir, expected, "hydra_nb_query_")
     wall = time.perf_counter()
     try:
         model = make_model()

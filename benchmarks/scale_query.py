@@ -44,7 +44,6 @@ import argparse
 import shutil
 import statistics
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -309,12 +308,7 @@ def main() -> None:
     common.seed_everything(0)
     rows = N * args.epochs
     expected = rows * (args.k * np.dtype(args.dtype).itemsize + 16)
-    tmp_root = Path(args.dir or tempfile.gettempdir())
-    free = shutil.disk_usage(tmp_root).free
-    if free < 2 * expected:
-        sys.exit(f"{tmp_root} has {common.fmt_bytes(free)} free; the store needs about {common.fmt_bytes(expected)} "
-                 "(twice that free is required). Pass --dir.")
-    tmp = Path(tempfile.mkdtemp(prefix="hydra_nb_scale_", dir=tmp_root))
+    tmp = common.scratch_dir(args.dir, expected, "hydra_nb_scale_")
     wall = time.perf_counter()
     total_load = common.LoadMeter()
     builds, results, fit_points = [], [], []
