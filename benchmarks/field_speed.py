@@ -209,7 +209,8 @@ def bench_hvp(name, args, device) -> dict:
     results = {}
     timings = {}
     for hvp_batch in args.hvp_batches:
-        ex = ExactHypergradients(model, params, layout, np.arange(len(V)), len(V), None, hvp_batch=hvp_batch)
+        ex = ExactHypergradients(model, params, layout, np.arange(len(V)), len(V), None, hvp_batch=hvp_batch,
+                                 hvp_method="vmap")
         ex.h.copy_(V)
         ex.seen[:] = True
 

@@ -373,10 +373,10 @@ class ExactHypergradients:
         with torch.enable_grad():
             grads = torch.autograd.grad(batch_loss(leaves), inputs, create_graph=True, allow_unused=True)
         live = [(g, s) for g, s in zip(grads, self.layout.slots) if g is not None and g.requires_grad]
+        if not live:  # the loss is linear in θ: no curvature
+            out[rows] = 0
+            return
         for r in rows.tolist():
-            if not live:  # the loss is linear in θ: no curvature
-                out[r] = 0
-                continue
             tangent = self.layout.unflatten(self.h[r])
             with torch.enable_grad():
                 dot = sum((g * tangent[s.name]).sum() for g, s in live)
