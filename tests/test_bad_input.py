@@ -564,35 +564,53 @@ def test_manual_l2_penalty_is_refused_at_the_first_step(tmp_path, penalty):
 
 
 def test_a_slow_disk_makes_training_wait_and_says_so(tmp_path, monkeypatch):
+    """The writer stalls (a slow disk) until training has filled its queue, then for WRITER_STALL seconds:
+    training must wait at least that long, whatever the speed of the machine (ordering, not timing)."""
     from hydra_nb import magic
     from hydra_nb.store import StoreWriter
 
     real = StoreWriter._on_step
+    stalled = []
 
     def slow_step(self, *args):
-        time.sleep(0.05)  # a disk slower than training
+        if not stalled:
+            stalled.append(True)
+            assert _SmallQueue.training_blocked.wait(60), "training never found the writer's queue full"
+            time.sleep(WRITER_STALL)  # training is blocked in put() all this while: nothing takes from the queue
         return real(self, *args)
 
     monkeypatch.setattr(StoreWriter, "_on_step", slow_step)
     import hydra_nb.store as store_module
 
+    _SmallQueue.training_blocked.clear()
     monkeypatch.setattr(store_module, "queue", _SmallQueue)
     model = mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     loader = loader_of()
     with hydra_nb.track(model, loader, store=tmp_path / "a.zarr", optimizer=opt) as run:
         train(model, loader, opt, epochs=3)
-    assert run.writer.wait_seconds > 0.1
+    assert run.writer.wait_seconds >= WRITER_STALL
     assert "waited" in magic._describe(run) and "store writer" in magic._describe(run)
     assert hydra_nb.open_store(tmp_path / "a.zarr").steps == 12  # nothing lost
 
 
+WRITER_STALL = 0.2
+
+
 class _SmallQueue:
-    """The queue module, with queues of two items: the writer's queue fills at once."""
+    """The queue module, with queues of two items whose blocking put() says that the queue was full."""
 
     import queue as _q
+    import threading as _threading
     Full = _q.Full
+    training_blocked = _threading.Event()
+
+    class _Queue(_q.Queue):
+        def put(self, item, block=True, timeout=None):
+            if block and self.full():
+                _SmallQueue.training_blocked.set()
+            super().put(item, block, timeout)
 
     @staticmethod
     def Queue(maxsize=0):
-        return _SmallQueue._q.Queue(maxsize=2)
+        return _SmallQueue._Queue(maxsize=2)
