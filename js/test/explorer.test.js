@@ -1,48 +1,6 @@
 import { describe, expect, it } from "vitest";
 import { createExplorer } from "../src/explorer.js";
-import { FakeModel, flush, packed } from "./fake.js";
-
-const INFO = { test_kind: "image", train_kind: "image", n_test: 100, n_train: 500, train_classes: [0, 1, 2],
-  test_classes: [0, 1, 2], class_names: null, path: "runs/a.zarr",
-  store: { path: "runs/a.zarr", status: "complete", mode: "fast", steps: 90, checkpoints: 3, n_tracked: 500, n_train: 500 } };
-
-const thumbs = (n) => packed("uint8", [n, 2, 2, 1], new Array(4 * n).fill(0).map((_, i) => i % 255));
-const cards = (ids, scores) => ({ indices: packed("int32", [ids.length], ids), labels: packed("int32", [ids.length], ids.map((i) => i % 3)),
-  scores: packed("float64", [ids.length], scores), thumbs: thumbs(ids.length) });
-
-function python() {
-  const calls = [];
-  const handlers = {
-    gallery: (p) => {
-      calls.push(["gallery", p]);
-      const ids = Array.from({ length: Math.min(p.limit, 100 - p.offset) }, (_, i) => p.offset + i);
-      return { total: 100, offset: p.offset, indices: packed("int32", [ids.length], ids),
-        labels: packed("int32", [ids.length], ids.map((i) => i % 3)),
-        predicted: packed("int32", [ids.length], ids.map((i) => (i % 7 === 0 ? (i + 1) % 3 : i % 3))),
-        thumbs: thumbs(ids.length) };
-    },
-    rankings: (p) => {
-      calls.push(["rankings", p]);
-      const groups = p.sort === "both"
-        ? { helpful: cards([5, 6, 7].slice(0, p.k), [3, 2, 1]), harmful: cards([8, 9, 10].slice(0, p.k), [-3, -2, -1]) }
-        : { [p.sort]: cards([5, 8].slice(0, p.k), [3, -2.5]) };
-      return { test: p.test, label: 1, predicted: 2, candidates: 500, step: 90, groups };
-    },
-    trajectory: (p) => {
-      calls.push(["trajectory", p]);
-      const m = p.train.length;
-      return { test: p.test, steps: packed("float64", [3], [0, 45, 90]),
-        values: packed("float64", [3, m], new Array(3 * m).fill(0).map((_, i) => i)), epochs: packed("float64", [2], [45, 90]),
-        epoch_exact: true, train: packed("int32", [m], p.train), labels: packed("int32", [m], p.train.map((i) => i % 3)) };
-    },
-    self_influence: (p) => { calls.push(["self_influence", p]); return { total: 500, offset: p.offset, order: p.order,
-      range: packed("float64", [2], [-1, 9]), ...cards([3, 1, 4], [9, 5, 1]) }; },
-    class_matrix: () => { calls.push(["class_matrix"]); return { train_classes: packed("int32", [3], [0, 1, 2]),
-      test_classes: packed("int32", [3], [0, 1, 2]), mean: packed("float64", [3, 3], [1, -1, 0, 0, 2, -2, 0.5, 0, 1]),
-      counts: packed("float64", [3, 3], new Array(9).fill(10)) }; },
-  };
-  return { calls, handlers };
-}
+import { FakeModel, INFO, cards, flush, python, thumbs } from "./fake.js";
 
 function setup(state = {}) {
   const py = python();
@@ -105,6 +63,7 @@ describe("explorer view", () => {
     k.dispatchEvent(new KeyboardEvent("keydown", { key: "Enter" }));
     await flush();
     expect(model.get("k")).toBe(1);
+    expect(host.querySelectorAll("[data-testid=hydra-card][data-group=absolute]").length).toBe(1);
     const cls = host.querySelector("[data-testid=hydra-class-filter]");
     cls.value = "2";
     cls.dispatchEvent(new Event("change"));
