@@ -1,6 +1,7 @@
 import { describe, expect, it } from "vitest";
 import { createExplorer } from "../src/explorer.js";
-import { FakeModel, INFO, cards, flush, python, thumbs } from "./fake.js";
+import { Client } from "../src/rpc.js";
+import { FakeModel, INFO, cards, flush, hold, python, thumbs } from "./fake.js";
 
 function setup(state = {}) {
   const py = python();
@@ -109,5 +110,66 @@ describe("explorer view", () => {
     dispose();
     expect(host.children.length).toBe(0);
     expect(model.listeners["change:selected"].length).toBe(0);
+  });
+
+  it("routes info to the views: the explain views answer again, the training views when shown", async () => {
+    const { model, host, py } = setup({ selected: 2 });
+    await flush();
+    expect(py.calls.map(([m]) => m)).toEqual(["gallery", "rankings"]);
+    model.set("info", { ...INFO, store: { ...INFO.store, steps: 120, checkpoints: 4 } });
+    await flush();
+    expect(py.calls.map(([m]) => m)).toEqual(["gallery", "rankings", "gallery", "rankings"]);
+    expect(host.querySelector("[data-testid=hydra-summary]").textContent).toContain("120 steps, 4 checkpoints");
+    host.querySelector("[data-testid=hydra-tab-training]").click();
+    await flush();
+    expect(py.calls.slice(4).map(([m]) => m)).toEqual(["self_influence", "class_matrix"]);
+    host.querySelector("[data-testid=hydra-tab-explain]").click();
+    host.querySelector("[data-testid=hydra-tab-training]").click();
+    await flush();
+    expect(py.calls.length).toBe(6);  // shown again, nothing changed: no new request
+    model.set("info", { ...INFO });
+    await flush();
+    expect(py.calls.slice(6).map(([m]) => m)).toEqual(["gallery", "rankings", "self_influence", "class_matrix"]);
+  });
+
+  it("when the live training cell finishes, the training views answer again", async () => {
+    const { model, host, py } = setup({ tab: "training" });
+    await flush();
+    const before = py.calls.filter(([m]) => m === "self_influence" || m === "class_matrix").length;
+    expect(before).toBe(2);
+    model.set("live_state", { active: false, step: 300, checkpoint_step: 300, updates: 3, note: null, items: [] });
+    await flush();
+    expect(py.calls.filter(([m]) => m === "self_influence" || m === "class_matrix").length).toBe(4);
+  });
+
+  it("links the views: a card goes on the chart, the gallery's picture shows the selected sample", async () => {
+    const { model, host } = setup();
+    await flush();
+    host.querySelectorAll("[data-testid=hydra-gallery-item]")[4].click();
+    await flush();
+    expect(host.querySelector("[data-testid=hydra-selected] canvas")).not.toBe(null);
+    host.querySelector("[data-testid=hydra-card][data-index='9']").click();
+    await flush();
+    expect(model.get("compared")).toEqual([9]);
+    expect(host.querySelector("[data-testid=hydra-trajectory]").dataset.series).toBe("1");
+  });
+
+  it("disposing disposes every view: no listener of model state and no pending request is left", async () => {
+    const py = python();
+    for (const m of ["gallery", "rankings", "trajectory", "self_influence", "class_matrix"]) py.handlers[m] = hold(py.handlers[m]);
+    const model = new FakeModel({ info: INFO, selected: 1, compared: [5], tab: "training" }, py.handlers);
+    const host = document.createElement("div");
+    const client = new Client(model);  // the caller's: the explorer leaves it open, so its pending map shows the views' requests
+    const dispose = createExplorer({ model, el: host, client });
+    await flush();
+    expect(model.sent.map((m) => m.method).sort()).toEqual(["class_matrix", "gallery", "rankings", "self_influence", "trajectory"]);
+    expect(client.pending.size).toBe(5);
+    dispose();
+    expect(client.pending.size).toBe(0);
+    expect(model.stateListeners()).toEqual([]);
+    expect(host.children.length).toBe(0);
+    for (const m of ["gallery", "rankings", "trajectory", "self_influence", "class_matrix"]) py.handlers[m].release();
+    await flush();
+    expect(py.calls.length).toBe(5);  // Python answered; nothing was drawn, nothing failed
   });
 });
