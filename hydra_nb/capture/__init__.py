@@ -40,9 +40,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from . import batchnorm as bn
-from .batches import LoaderTap
-from .errors import TrackingConfigError, TrackingFailure
-from .projection import Block, Projector
+from ..batches import LoaderTap
+from ..errors import TrackingConfigError, TrackingFailure
+from ..projection import Block, Projector
 
 _CONV = {nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d, nn.Conv3d: F.conv3d}
 _BATCHNORM = (nn.modules.batchnorm._BatchNorm, nn.SyncBatchNorm)

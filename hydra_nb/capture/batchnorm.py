@@ -39,7 +39,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from .errors import TrackingConfigError
+from ..errors import TrackingConfigError
 
 CHOICES = ("fixed", "exact")
 _CHUNK_BYTES = 64 << 20  # per-sample gradients held at once while vmapping
