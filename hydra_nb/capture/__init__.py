@@ -14,10 +14,9 @@ table ``rules.LAYER_RULES``),
 
 and each is projected by the parameter's block of the ``Projector`` (a sketch T), either
 from G_b or factor-wise, T(G_b) = Σ_l CS1(δ_bl) ⊛ CS2(a_bl), whichever is cheaper (``routes.py``;
-``GradientCapture(route=...)`` forces one). Since
-δ is what the backward really propagated, the reduction (mean or sum) and any
-loss the user wrote are accounted for: Σ_b G_b equals ``.grad``, which
-``check`` verifies.
+``GradientCapture(route=...)`` forces one). Since δ is what the backward really propagated, the
+reduction (mean or sum) and any loss the user wrote are accounted for: Σ_b G_b equals ``.grad``,
+which ``check`` verifies.
 
 With BatchNorm in training mode the samples of a batch are coupled and these per-layer
 formulas do not apply: the whole model's per-sample gradients are computed from its root calls

@@ -34,7 +34,7 @@ from . import conv, embedding, fallback, layernorm, linear
 PerSample = Callable[..., Iterable[tuple[Block, torch.Tensor]]]  # (module, a, δ, blocks, route)
 
 
-def follows_any(module: nn.Module) -> bool:
+def _follows_any(module: nn.Module) -> bool:
     return True
 
 
@@ -44,19 +44,19 @@ class LayerRule:
 
     name: str  # what ``GradientCapture.owners`` reports (tests, benchmarks)
     per_sample: PerSample
-    check: Callable[[nn.Module], bool] = follows_any
+    check: Callable[[nn.Module], bool] = _follows_any
     deferred: bool = False  # the call is recorded whole and differentiated at step() (the fallback)
     whole: bool = False  # the rule also owns the parameters of the module's submodules (captured as a unit)
 
 
 FALLBACK = LayerRule("fallback", fallback.per_sample, deferred=True)
-_CONV = LayerRule("conv", conv.per_sample, conv.check)
+_CONV_RULE = LayerRule("conv", conv.per_sample, conv.check)
 
 LAYER_RULES: dict[type[nn.Module], LayerRule] = {
     nn.Linear: LayerRule("linear", linear.per_sample),
-    nn.Conv1d: _CONV,
-    nn.Conv2d: _CONV,
-    nn.Conv3d: _CONV,
+    nn.Conv1d: _CONV_RULE,
+    nn.Conv2d: _CONV_RULE,
+    nn.Conv3d: _CONV_RULE,
     nn.Embedding: LayerRule("embedding", embedding.per_sample, embedding.check),
     nn.LayerNorm: LayerRule("layernorm", layernorm.per_sample),
     # its forward uses out_proj's weights functionally (out_proj's own hooks never see them): one unit
