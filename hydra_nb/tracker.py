@@ -22,7 +22,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from .batchnorm import batchnorm_route, replaying
+from .capture.batchnorm import batchnorm_route, replaying
 from .batches import LoaderTap
 from .capture import GradientCapture
 from .errors import TrackingConfigError, TrackingFailure
