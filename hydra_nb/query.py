@@ -46,6 +46,7 @@ from .batches import ModelInputs
 from .hypergrad import transitions
 from .params import ParamLayout
 from .store import StoreReader
+from .units import format_bytes
 
 DEFAULT_MEMORY_BUDGET = 512 << 20
 _MAX_BLOCK_BYTES = 32 << 20  # rows per log block: big enough to amortise, small enough to overlap reads
@@ -601,7 +602,7 @@ class Store(StoreReader):
             ("mode", self.mode),
             ("projection", projection),
             ("log rows", f"{int(meta.get('committed', {}).get('rows', 0)):,} ({cfg.get('store_dtype', '?')})"),
-            ("size on disk", "unknown" if size is None else _fmt_bytes(size)),
+            ("size on disk", "unknown" if size is None else format_bytes(size)),
             ("status", self.status),
         ]
         body = "".join(f"<tr><th style='text-align:left'>{html.escape(k)}</th>"
@@ -639,14 +640,6 @@ def _budget(memory_budget) -> int:
 
 def _itemsize(dtype: torch.dtype) -> int:
     return torch.empty(0, dtype=dtype).element_size()
-
-
-def _fmt_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{int(n)} B" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"  # pragma: no cover
 
 
 def _pair(inputs, targets):
