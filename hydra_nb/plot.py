@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .data import as_samples
 from .query import ClassMatrix, TopK
-from .widgets.data import as_samples
 from .widgets.explorer import epoch_boundaries
 
 UNITS = "contribution −∂L/∂w (loss units per unit sample weight)"

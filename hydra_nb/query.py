@@ -39,10 +39,9 @@ from typing import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .batches import ModelInputs
+from .data import ModelInputs, as_pair, dataset_items, dataset_len, default_loss
 from .hypergrad import transitions
 from .params import ParamLayout
 from .store import StoreReader
@@ -55,10 +54,6 @@ _SEGMENT_BYTES = 16 << 20  # the sweep's temporaries (stops × steps × paramete
 _GRAD_BATCH = 256  # test/training samples differentiated per call (then projected and dropped)
 _BAR_MIN_CHUNKS = 8  # progress=None shows a bar only for work of more chunks than this
 ENGINES = ("numpy", "dask")
-
-
-def _default_loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(outputs, targets, reduction="none")
 
 
 @dataclass
@@ -149,7 +144,7 @@ class Store(StoreReader):
             raise ValueError(
                 f"This run was tracked with a custom loss_fn ({self.meta['config'].get('loss_fn')!r}); pass the same "
                 "loss_fn=... to the query (a store never holds code).")
-        return _default_loss
+        return default_loss
 
     def _check_mode(self, mode: str | None) -> str:
         mode = mode or self.mode
@@ -264,7 +259,7 @@ class Store(StoreReader):
         engine = _check_engine(engine)
         budget = _budget(memory_budget)
         c = self._checkpoint_index(checkpoint)
-        inputs, targets = _pair(inputs, targets)
+        inputs, targets = as_pair(inputs, targets)
         tracked = self.tracked_indices
         dtype = self._dtype()
         if mode == "exact":
@@ -290,7 +285,7 @@ class Store(StoreReader):
         mode = self._check_mode(mode)
         engine = _check_engine(engine)
         budget = _budget(memory_budget)
-        inputs, targets = _pair(inputs, targets)
+        inputs, targets = as_pair(inputs, targets)
         train_indices = np.asarray(train_indices, dtype=np.int64).reshape(-1)
         tracked = self.tracked_indices
         pos = _positions(tracked, self.n_train)
@@ -337,7 +332,7 @@ class Store(StoreReader):
         """
         mode = self._check_mode(mode)
         budget = _budget(memory_budget)
-        inputs, targets = _pair(inputs, targets)
+        inputs, targets = as_pair(inputs, targets)
         tracked = self.tracked_indices
         n, N = len(inputs), len(tracked)
         k = int(k)
@@ -380,8 +375,8 @@ class Store(StoreReader):
         budget = _budget(memory_budget)
         c = self._checkpoint_index(checkpoint)
         N = self.n_train
-        if _dataset_len(dataset) != N:
-            raise ValueError(f"dataset has {_dataset_len(dataset)} samples; the run trained on {N}. Pass the training set.")
+        if dataset_len(dataset) != N:
+            raise ValueError(f"dataset has {dataset_len(dataset)} samples; the run trained on {N}. Pass the training set.")
         tracked = np.sort(self.tracked_indices)
         dtype = self._dtype()
         out = np.full(N, np.nan)
@@ -392,7 +387,7 @@ class Store(StoreReader):
             blocks = [tracked[a:a + block] for a in range(0, len(tracked), block)]
             with _Progress(progress, sum(-(-len(b) // self._grad_batch) for b in blocks), "self_influence") as bar:
                 for ids in blocks:
-                    x, y = _dataset_items(dataset, ids)
+                    x, y = dataset_items(dataset, ids)
                     h = torch.from_numpy(_take_rows(self.array("exact/h"), c, pos[ids]))
                     start = 0
                     for G in self._gradient_batches(model, x, y, c, loss_fn):
@@ -410,7 +405,7 @@ class Store(StoreReader):
         spans = self._spans()
         with _Progress(progress, total, "self_influence") as bar:
             for ids in blocks:
-                x, y = _dataset_items(dataset, ids)
+                x, y = dataset_items(dataset, ids)
                 pg = self._projected(model, x, y, c, loss_fn, dtype, bar)
                 acc = torch.zeros(len(ids), dtype=dtype)
 
@@ -437,7 +432,7 @@ class Store(StoreReader):
         engine = _check_engine(engine)
         budget = _budget(memory_budget)
         c = self._checkpoint_index(checkpoint)
-        test_inputs, test_targets = _pair(test_inputs, test_targets)
+        test_inputs, test_targets = as_pair(test_inputs, test_targets)
         train_labels = np.asarray(train_labels).reshape(-1)
         N = self.n_train
         if len(train_labels) != N:
@@ -640,40 +635,6 @@ def _budget(memory_budget) -> int:
 
 def _itemsize(dtype: torch.dtype) -> int:
     return torch.empty(0, dtype=dtype).element_size()
-
-
-def _pair(inputs, targets):
-    """Test points: model inputs (a tensor, a tuple or a dict of tensors, see ``ModelInputs``) and targets."""
-    inputs, targets = ModelInputs(inputs), torch.as_tensor(targets)
-    if len(inputs) != targets.shape[0]:
-        raise ValueError(f"inputs ({len(inputs)}) and targets ({targets.shape[0]}) differ in length.")
-    return inputs, targets
-
-
-def _is_pair(dataset) -> bool:
-    """An (inputs, targets) pair: inputs a tensor, a tuple of tensors or a dict of tensors."""
-    if not (isinstance(dataset, (tuple, list)) and len(dataset) == 2 and hasattr(dataset[1], "shape")):
-        return False
-    try:
-        ModelInputs(dataset[0])
-    except (ValueError, TypeError, RuntimeError):
-        return False
-    return True
-
-
-def _dataset_len(dataset) -> int:
-    return len(ModelInputs(dataset[0])) if _is_pair(dataset) else len(dataset)
-
-
-def _dataset_items(dataset, ids: np.ndarray):
-    """(inputs, targets) of the samples ``ids`` of a torch Dataset of (x, y) or a pair of tensors."""
-    if _is_pair(dataset):
-        idx = torch.from_numpy(np.asarray(ids, dtype=np.int64))
-        return ModelInputs(dataset[0])[idx], torch.as_tensor(dataset[1])[idx]
-    items = [dataset[int(i)] for i in ids]
-    xs = torch.stack([torch.as_tensor(it[0]) for it in items])
-    ys = torch.stack([torch.as_tensor(it[1]) for it in items])
-    return xs, ys
 
 
 def _positions(indices: np.ndarray, n: int) -> np.ndarray:

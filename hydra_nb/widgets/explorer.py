@@ -34,9 +34,9 @@ import numpy as np
 import torch
 import traitlets
 
+from ..data import Samples, as_samples
 from ..errors import StoreError
 from ..query import Store, open_store
-from .data import Samples, as_samples
 from .wire import pack, split_buffers
 
 STATIC = Path(__file__).parent / "static"
@@ -387,7 +387,7 @@ def explore(store, model, test_data, train_data, **kwargs) -> Explorer:
     ``store``: an open :class:`~hydra_nb.Store` or the path of one (the path may not hold a run yet:
     live mode waits for it). ``model``: the architecture queries run (parameters come from the
     store). ``test_data``/``train_data``: ``(inputs, targets)`` tensors, ``(texts, targets)`` with
-    ``encode=``, or torch Datasets of ``(x, y)`` (see ``hydra_nb.widgets.data``). Options: ``k``
+    ``encode=``, or torch Datasets of ``(x, y)`` (see ``hydra_nb.data``). Options: ``k``
     (cards per group, default 10), ``class_names``, ``encode`` (strings → model inputs),
     ``test_display``/``train_display`` (strings to show), ``loss_fn``, ``mode`` ("fast"/"exact").
     """
