@@ -32,6 +32,7 @@ as results arrive (distributed); the coefficients of every block are computed on
 from __future__ import annotations
 
 import html
+import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -133,6 +134,19 @@ class Store(StoreReader):
         super().__init__(path)
         self._custom_loss = bool(self.meta["config"].get("custom_loss"))
         self.loss_fn = loss_fn
+
+    def epoch_boundaries(self) -> np.ndarray:
+        """Optimizer steps at which an epoch ended: the checkpoint steps of a ``checkpoint_every="epoch"``
+        run; otherwise every ⌈N / batch_size⌉ steps (an estimate: it assumes no ``drop_last``)."""
+        cfg = self.meta.get("config", {})
+        steps = np.asarray(self.checkpoint_steps, dtype=np.float64)
+        if cfg.get("checkpoint_every") == "epoch":
+            return steps[steps > 0]
+        bs = cfg.get("batch_size")
+        if not bs:
+            return np.zeros(0)
+        per_epoch = math.ceil(self.n_train / int(bs))
+        return np.arange(per_epoch, self.steps + 1, per_epoch, dtype=np.float64)
 
     # -- helpers ----------------------------------------------------------------------------
     def _loss(self, loss_fn):
@@ -351,7 +365,7 @@ class Store(StoreReader):
                                             checkpoint=checkpoint, engine=engine, progress=False,
                                             memory_budget=budget // 2)
                 for name, sign in (("helpful", -1.0), ("harmful", 1.0)):
-                    order = _smallest(sign * values, k)
+                    order = smallest_k(sign * values, k)
                     getattr(out, f"{name}_indices")[sl] = tracked[order]
                     getattr(out, f"{name}_scores")[sl] = np.take_along_axis(values, order, axis=1)
                 bar.update()
@@ -653,14 +667,19 @@ def _take_rows(h, c: int, slots: np.ndarray) -> np.ndarray:
     return rows[inverse]
 
 
-def _smallest(values: np.ndarray, k: int) -> np.ndarray:
-    """Column indices of the k smallest entries of each row, sorted ascending."""
-    if k < values.shape[1]:
-        part = np.argpartition(values, k - 1, axis=1)[:, :k]
+def smallest_k(values: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the k smallest entries along the last axis, smallest first (ties in index order)."""
+    values = np.asarray(values)
+    n = values.shape[-1]
+    k = min(int(k), n)
+    if k <= 0:
+        return np.zeros(values.shape[:-1] + (0,), dtype=np.int64)
+    if k < n:
+        part = np.argpartition(values, k - 1, axis=-1)[..., :k]
     else:
-        part = np.broadcast_to(np.arange(values.shape[1]), values.shape).copy()
-    order = np.argsort(np.take_along_axis(values, part, axis=1), axis=1, kind="stable")
-    return np.take_along_axis(part, order, axis=1)
+        part = np.broadcast_to(np.arange(n), values.shape).copy()
+    order = np.argsort(np.take_along_axis(values, part, axis=-1), axis=-1, kind="stable")
+    return np.take_along_axis(part, order, axis=-1)
 
 
 # -- response coefficients, block by block ------------------------------------------------------
