@@ -199,7 +199,7 @@ class Store(StoreReader):
     def _gradient_batches(self, model, inputs, targets, c: int, loss_fn, batch: int | None = None):
         """Yield ∇θ L(z; θ_c) for ``inputs``/``targets`` in batches (flat rows, parameters read once)."""
         batch = batch or self._grad_batch
-        params, buffers = self.params_at(c), self._buffers_at(c)
+        params, buffers = self.params_at(c), self.buffers_at(c)
         loss = self._loss(loss_fn)
         n = len(inputs)
         for start in range(0, n, batch):
@@ -255,8 +255,8 @@ class Store(StoreReader):
     # -- queries ----------------------------------------------------------------------------
     def test_gradients(self, model: nn.Module, inputs, targets, checkpoint: int = -1, loss_fn=None) -> torch.Tensor:
         """∇_θ L(z_j; θ) at a checkpoint's parameters, one flat row per test sample."""
-        c = self._checkpoint_index(checkpoint)
-        return test_gradients(model, self.layout, self.params_at(c), self._buffers_at(c), self.meta["buffers"],
+        c = self.checkpoint_index(checkpoint)
+        return test_gradients(model, self.layout, self.params_at(c), self.buffers_at(c), self.meta["buffers"],
                               inputs, targets, self._loss(loss_fn))
 
     def contributions(self, model: nn.Module, inputs, targets, mode: str | None = None, *, loss_fn=None,
@@ -272,7 +272,7 @@ class Store(StoreReader):
         mode = self._check_mode(mode)
         engine = _check_engine(engine)
         budget = _budget(memory_budget)
-        c = self._checkpoint_index(checkpoint)
+        c = self.checkpoint_index(checkpoint)
         inputs, targets = as_pair(inputs, targets)
         tracked = self.tracked_indices
         dtype = self._dtype()
@@ -387,7 +387,7 @@ class Store(StoreReader):
         """
         mode = self._check_mode(mode)
         budget = _budget(memory_budget)
-        c = self._checkpoint_index(checkpoint)
+        c = self.checkpoint_index(checkpoint)
         N = self.n_train
         if dataset_len(dataset) != N:
             raise ValueError(f"dataset has {dataset_len(dataset)} samples; the run trained on {N}. Pass the training set.")
@@ -445,7 +445,7 @@ class Store(StoreReader):
         mode = self._check_mode(mode)
         engine = _check_engine(engine)
         budget = _budget(memory_budget)
-        c = self._checkpoint_index(checkpoint)
+        c = self.checkpoint_index(checkpoint)
         test_inputs, test_targets = as_pair(test_inputs, test_targets)
         train_labels = np.asarray(train_labels).reshape(-1)
         N = self.n_train
@@ -502,7 +502,7 @@ class Store(StoreReader):
         """h_S(i) = dθ_S/dw_i at a checkpoint: projected (fast) or full-dimensional (exact), one row per sample."""
         mode = self._check_mode(mode)
         budget = _budget(memory_budget)
-        c = self._checkpoint_index(checkpoint)
+        c = self.checkpoint_index(checkpoint)
         tracked = self.tracked_indices
         idx = tracked if train_indices is None else np.asarray(train_indices, dtype=np.int64).reshape(-1)
         pos = _positions(tracked, self.n_train)
@@ -879,10 +879,6 @@ def _hypergradient_block(out: torch.Tensor, rows, samples, steps, coef, coef_ste
     out.index_add_(0, torch.from_numpy(target[keep]), u)
 
 
-def _trace_arrays(store: Store) -> dict:
-    return {f: store.array(f"trace/{f}") for f in store.trace_fields}
-
-
 def _read_block(arrays, start: int, stop: int, buffer: np.ndarray | None):
     """Log rows [start, stop): samples, steps, and the gradient rows (read into ``buffer`` if given).
 
@@ -924,7 +920,7 @@ def _log_pass_part(store: Store, part: dict, stops: np.ndarray, end: int, block_
                    progress: _Progress | None) -> None:
     arrays = (store.array(part["sample"]), store.array(part["step"]), store.array(part["grad"]))
     grad = arrays[2]
-    sweep = _CoefficientSweep(_trace_arrays(store), stops)
+    sweep = _CoefficientSweep(store.trace_arrays(), stops)
     starts = list(range(0, end, block_rows))[::-1]
     n = min(block_rows, end)
     buffers = [np.empty((n, grad.shape[1]), dtype=np.dtype(grad.dtype)) for _ in range(min(2, len(starts)))]
@@ -1029,7 +1025,7 @@ def _dask_fast_pass(store: Store, npg: torch.Tensor, stops: np.ndarray, col: np.
         # step range of each block, from row_end (rows of step t are row_end[t-1]:row_end[t])
         row_end = np.asarray(store.array(part["row_end"])[:top])
         bounds = np.cumsum((0,) + grad.chunks[0])
-        sweep = _CoefficientSweep(_trace_arrays(store), stops)
+        sweep = _CoefficientSweep(store.trace_arrays(), stops)
         part_tasks = [None] * len(g_blocks)
         for b in range(len(g_blocks) - 1, -1, -1):  # last block first: the sweep runs backwards
             lo = int(np.searchsorted(row_end, bounds[b], side="right"))

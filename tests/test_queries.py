@@ -109,7 +109,7 @@ def make_test_points(n, d_in=6, classes=3, dtype=torch.float64, seed=1):
 # ------------------------------------------------------------------------------------------
 def reference_h(store, checkpoint=-1):
     """Projected h_S(i) for every sample (N, k) in float64."""
-    c = store._checkpoint_index(checkpoint)
+    c = store.checkpoint_index(checkpoint)
     S = int(store.checkpoint_steps[c])
     H = np.zeros((store.n_train, store.projector.dim))
     if S == 0:
@@ -125,7 +125,7 @@ def reference_h(store, checkpoint=-1):
 
 
 def reference_contributions(store, model, X, Y, checkpoint=-1):
-    c = store._checkpoint_index(checkpoint)
+    c = store.checkpoint_index(checkpoint)
     G = store.test_gradients(model, X, Y, c).to(torch.float64)
     PG = store.projector.to(dtype=torch.float64).project_flat(G).numpy()
     return -(PG @ reference_h(store, c).T)
