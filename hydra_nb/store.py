@@ -570,7 +570,7 @@ def new_run_meta(mode: str, n_train: int, layout: ParamLayout, projector_json: d
 class StoreReader:
     """A run store opened read-only: its metadata and raw arrays, up to what was committed.
 
-    Queries live in :class:`hydra_nb.query.Store`, which extends this.
+    Queries live in :class:`hydra_nb.query.Store`, which holds one of these and its hypergradient sources.
     """
 
     def __init__(self, path):
@@ -716,11 +716,6 @@ class StoreReader:
             dtype = torch.float64 if self.group["checkpoints/params"].dtype == np.float64 else torch.float32
             self._projector = Projector.from_json(self.layout, self.meta["projection"], arrays, dtype)
         return self._projector
-
-    def __repr__(self) -> str:
-        return (f"<hydra_nb.Store {str(self.path)!r}: {self.mode} mode, {len(self.tracked_indices)} tracked of "
-                f"{self.n_train} samples, {self.steps} steps, {len(self.checkpoint_steps)} checkpoints, "
-                f"{self.status}>")
 
     # -- raw data ---------------------------------------------------------------------------
     def trace(self, steps: int | None = None) -> dict[str, np.ndarray]:
