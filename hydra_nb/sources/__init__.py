@@ -22,7 +22,7 @@ Sources, chosen by ``Store.source(mode)`` from :data:`SOURCES`:
 A source that has no ``self_dot`` or ``rows`` inherits the methods below, which raise
 :class:`~hydra_nb.errors.UnsupportedQuery` naming the modes that have them. Every operation takes
 ``budget`` (bytes: what block sizes are cut from) and ``progress`` (a :class:`Progress`, or None):
-a source ``plan``\\ s its chunks of work before it counts them.
+a source announces its chunks of work (``progress.plan(n)``) before it counts them.
 """
 
 from __future__ import annotations
@@ -103,12 +103,14 @@ class TestPoints:
 
     __test__ = False  # not a pytest test class, whatever its name says
 
-    def __init__(self, model: nn.Module, inputs, targets, loss_fn: Callable, weights=None):
+    def __init__(self, model: nn.Module, inputs, targets, loss_fn: Callable, weights=None, *, dataset=None):
         self.model, self.loss_fn = model, loss_fn
-        self._dataset = None
-        if inputs is None:  # of_dataset
-            self.inputs = self.targets = None
-            self.weights = None
+        self._dataset = dataset
+        if dataset is not None:  # see of_dataset
+            if inputs is not None or targets is not None or weights is not None:
+                raise ValueError("TestPoints take inputs and targets, or a dataset, not both.")
+            self.inputs = self.targets = self.weights = None
+            self._n = dataset_len(dataset)
             return
         self.inputs, self.targets = as_pair(inputs, targets)
         self._n = len(self.inputs)
@@ -122,9 +124,7 @@ class TestPoints:
     @classmethod
     def of_dataset(cls, model: nn.Module, dataset, loss_fn: Callable) -> "TestPoints":
         """The samples of ``dataset`` (a pair ``(inputs, targets)`` or a torch Dataset of ``(x, y)``) by dataset index."""
-        points = cls(model, None, None, loss_fn)
-        points._dataset, points._n = dataset, dataset_len(dataset)
-        return points
+        return cls(model, None, None, loss_fn, dataset=dataset)
 
     def __len__(self) -> int:
         return self._n
