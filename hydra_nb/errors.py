@@ -28,3 +28,7 @@ class TrackingFailure(HydraError, RuntimeError):
 
 class StoreError(HydraError, OSError):
     """A store is missing, not a hydra_nb store, of a newer schema, or damaged."""
+
+
+class UnsupportedQuery(HydraError, ValueError):
+    """A query asked a hypergradient source for an operation it does not have; the message names the modes that do."""
