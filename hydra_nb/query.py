@@ -43,7 +43,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from .batches import ModelInputs
-from .hypergrad import transitions
 from .params import ParamLayout
 from .store import StoreReader
 
@@ -713,7 +712,7 @@ def _smallest(values: np.ndarray, k: int) -> np.ndarray:
 class _CoefficientSweep:
     """c[s, t, p] = response of parameter p's h at step ``stops[s]`` to a unit injection at step t.
 
-    The same numbers as ``hypergrad.response_coefficients(trace, stops)``, computed by the
+    The same numbers as ``hypergrad.response_coefficients(trace, stops, rule)``, computed by the
     backward recursion ρ_t = ρ_{t+1}·A_t, c_t = ρ_{t+1}·e_t (ρ_S = [1, 0]) for the steps asked
     for, in descending order, reading the trace ``_TRACE_BLOCK`` steps at a time: memory is the
     state ρ (n_stops × P × 2), one segment's temporaries (< ``_SEGMENT_BYTES``) and the answer,
@@ -721,13 +720,15 @@ class _CoefficientSweep:
     the last ones asked for (other than the last step itself) restarts from the top.
     """
 
-    def __init__(self, arrays, stops):
-        """``arrays``: field name → the trace array (anything sliceable: zarr, checked store arrays, numpy)."""
+    def __init__(self, arrays, stops, rule):
+        """``arrays``: field name → the trace array (anything sliceable: zarr, checked store arrays, numpy),
+        at least ``rule.fast_fields``; ``rule``: the store's ``OptimizerRule`` (its ``transitions``)."""
         self.arrays = dict(arrays)
+        self.rule = rule
         stops = np.asarray(stops, dtype=np.int64).reshape(-1)
         self.order = np.argsort(stops, kind="stable")
         self.sorted = stops[self.order]
-        self.P = int(self.arrays["lr"].shape[1])
+        self.P = int(next(iter(self.arrays.values())).shape[1])
         self._reset()
 
     def _reset(self) -> None:
@@ -758,7 +759,7 @@ class _CoefficientSweep:
         doubling (Hillis–Steele) scan, log2(hi - lo) batched 2×2 products instead of a loop
         over steps.
         """
-        A, e = transitions(self._trace(lo, hi))
+        A, e = self.rule.transitions(self._trace(lo, hi))
         Q, e = A[::-1].copy(), e[::-1]  # index j ↔ step hi-1-j
         d = 1
         while d < len(Q):
@@ -907,7 +908,8 @@ def _hypergradient_block(out: torch.Tensor, rows, samples, steps, coef, coef_ste
 
 
 def _trace_arrays(store: Store) -> dict:
-    return {f: store.array(f"trace/{f}") for f in store.trace_fields}
+    """The trace arrays the fast recursion reads (the rule's ``fast_fields``)."""
+    return {f: store.array(f"trace/{f}") for f in store.optimizer_rule.fast_fields}
 
 
 def _read_block(arrays, start: int, stop: int, buffer: np.ndarray | None):
@@ -951,7 +953,7 @@ def _log_pass_part(store: Store, part: dict, stops: np.ndarray, end: int, block_
                    progress: _Progress | None) -> None:
     arrays = (store.array(part["sample"]), store.array(part["step"]), store.array(part["grad"]))
     grad = arrays[2]
-    sweep = _CoefficientSweep(_trace_arrays(store), stops)
+    sweep = _CoefficientSweep(_trace_arrays(store), stops, store.optimizer_rule)
     starts = list(range(0, end, block_rows))[::-1]
     n = min(block_rows, end)
     buffers = [np.empty((n, grad.shape[1]), dtype=np.dtype(grad.dtype)) for _ in range(min(2, len(starts)))]
@@ -1056,7 +1058,7 @@ def _dask_fast_pass(store: Store, npg: torch.Tensor, stops: np.ndarray, col: np.
         # step range of each block, from row_end (rows of step t are row_end[t-1]:row_end[t])
         row_end = np.asarray(store.array(part["row_end"])[:top])
         bounds = np.cumsum((0,) + grad.chunks[0])
-        sweep = _CoefficientSweep(_trace_arrays(store), stops)
+        sweep = _CoefficientSweep(_trace_arrays(store), stops, store.optimizer_rule)
         part_tasks = [None] * len(g_blocks)
         for b in range(len(g_blocks) - 1, -1, -1):  # last block first: the sweep runs backwards
             lo = int(np.searchsorted(row_end, bounds[b], side="right"))

@@ -2,10 +2,12 @@
 
 Data flows one way: the ``LoaderTap`` names the samples of each batch, the
 ``GradientCapture`` hooks turn the user's backward into per-sample gradients,
-the optimizer's step hooks read the optimizer's trace (SGD, or Adam/AdamW with
-its preconditioner applied to the per-sample gradients) and (exact mode) advance the
+the optimizer's step hooks read the optimizer's trace through its rule
+(``hydra_nb.optim``: the rule also says whether the per-sample gradients are held
+in full and preconditioned before they are logged) and (exact mode) advance the
 hypergradients, and the ``StoreWriter`` appends everything to the Zarr store in
-a background thread. Queries read the store (``hydra_nb.open_store``).
+a background thread. Queries read the store (``hydra_nb.open_store``). Nothing here
+depends on which optimizer trains the model.
 """
 
 from __future__ import annotations
@@ -26,15 +28,15 @@ from .batchnorm import batchnorm_route, replaying
 from .batches import LoaderTap
 from .capture import GradientCapture
 from .errors import TrackingConfigError, TrackingFailure
-from .hypergrad import (HVP_METHODS, ExactHypergradients, adam_preconditioner, make_batch_loss, optimizer_kind,
-                        read_step, validate_optimizer)
+from .hypergrad import HVP_METHODS, ExactHypergradients, make_batch_loss
+from .optim import rule_for
 from .params import ParamLayout
 from .projection import Projector
 from .store import StoreWriter, new_run_meta, prepare_path
 
 _LOG_DTYPES = {"float16": np.float16, "float32": np.float32, "float64": np.float64}
 _EXACT_MEMORY_LIMIT = 16 << 30
-_ADAM_BATCH_LIMIT = 8 << 30  # full per-sample gradients of one step, held until Adam's preconditioner is known
+_FULL_ROWS_LIMIT = 8 << 30  # full per-sample gradients of one step, held until the rule preconditions them
 
 
 class TrackingStoppedWarning(UserWarning):
@@ -72,8 +74,8 @@ class Tracker:
                 "hydra_nb tracks distributed training through DDP. Pass the DDP-wrapped model.")
         if mode not in ("fast", "exact"):
             raise TrackingConfigError(f"mode must be 'fast' or 'exact', got {mode!r}.")
-        validate_optimizer(optimizer, mode)
-        self.optimizer_kind = optimizer_kind(optimizer)
+        self.rule = rule_for(optimizer)
+        self.rule.validate(optimizer, mode)
         if projection_dim is not None and (not isinstance(projection_dim, (int, np.integer)) or projection_dim < 1):
             raise TrackingConfigError(f"projection_dim must be a positive int or None, got {projection_dim!r}.")
         if checkpoint_every != "epoch" and (
@@ -121,13 +123,13 @@ class Tracker:
         if resume and overwrite:
             raise TrackingConfigError("resume=True and overwrite=True exclude each other: pick one.")
         self.resume = bool(resume)
-        if self.optimizer_kind != "SGD":
-            # Adam's preconditioner D_t is known only at the step: per-sample gradients are held in full until then
+        if self.rule.full_rows:
+            # e.g. Adam's preconditioner D_t is known only at the step: per-sample gradients are held in full until then
             batch = getattr(self.tap.loader, "batch_size", None) or 1
             need = batch * self.layout.size * torch.finfo(compute_dtype).bits // 8
-            if need > _ADAM_BATCH_LIMIT:
+            if need > _FULL_ROWS_LIMIT:
                 raise TrackingConfigError(
-                    f"{self.optimizer_kind} tracking holds each step's per-sample gradients in full until the step "
+                    f"{self.rule.name} tracking holds each step's per-sample gradients in full until the step "
                     f"({batch} samples × {self.layout.size} parameters = {need / 2**30:.1f} GiB). Use a smaller "
                     "batch, track fewer parameters (optimizer groups), or train with SGD (projected in the hooks).")
 
@@ -189,14 +191,14 @@ class Tracker:
             self.log_projector = previous.projector.to(dtype=self.compute_dtype)
         else:
             self.log_projector = Projector.plan(self.layout, self.projection_dim, self.seed, self.compute_dtype)
-        if self.mode == "exact" or self.optimizer_kind != "SGD":
-            # full-dimensional capture: exact mode needs the full rows; Adam scales them by D_t before projecting
+        if self.mode == "exact" or self.rule.full_rows:
+            # full-dimensional capture: exact mode needs the full rows; Adam's rule scales them by D_t before projecting
             capture_projector = Projector.plan(self.layout, None, self.seed, self.compute_dtype).to(device)
         else:
             capture_projector = self.log_projector.to(device)
         if self.mode == "exact":
             self.exact = ExactHypergradients(self.model, self.params, self.layout, self.tracked, self.n_train,
-                                             self.loss_fn, self.hvp_batch, self.hvp_method)
+                                             self.loss_fn, self.hvp_batch, self.hvp_method, rule=self.rule)
         else:
             self.exact = None
         self._device_log_projector = self.log_projector.to(device)
@@ -222,7 +224,7 @@ class Tracker:
                 "device": str(device), "batchnorm": self.batchnorm,
             }
             meta = new_run_meta(self.mode, self.n_train, self.layout, self.log_projector.to_json(), config,
-                                buffers_meta, self.optimizer_kind)
+                                buffers_meta, self.rule.name)
             if self.rank == 0:
                 meta["world_size"] = self.world_size
                 try:
@@ -284,8 +286,8 @@ class Tracker:
         previous = StoreReader(path)
         meta = previous.meta
         problems = []
-        if meta.get("optimizer", "SGD") != self.optimizer_kind:
-            problems.append(f"it was tracked with {meta.get('optimizer', 'SGD')}, this is {self.optimizer_kind}")
+        if meta.get("optimizer", "SGD") != self.rule.name:
+            problems.append(f"it was tracked with {meta.get('optimizer', 'SGD')}, this is {self.rule.name}")
         if meta["mode"] != self.mode:
             problems.append(f"it was tracked in {meta['mode']} mode, this is {self.mode} mode")
         if int(meta["n_train"]) != self.n_train:
@@ -382,7 +384,7 @@ class Tracker:
                     if self.step == 0:  # from the first step on: the loop itself does something untrackable
                         raise TrackingConfigError(str(exc)) from None
                     raise
-            trace_row = read_step(optimizer, self.params, self.layout)
+            trace_row = self.rule.read_step(optimizer, self.params, self.layout)
             if passes:
                 samples = torch.cat([p.indices for p in passes])
                 rows = torch.cat([p.buf for p in passes])
@@ -391,8 +393,9 @@ class Tracker:
             else:
                 samples = torch.zeros(0, dtype=torch.int64)
                 rows = None
-            if rows is not None and self.optimizer_kind != "SGD":
-                rows = self._device_log_projector.project_flat(rows * self._preconditioner(optimizer, rows))
+            if rows is not None and self.rule.full_rows:
+                rows = self.rule.precondition(optimizer, self.params, self.layout, rows)
+                rows = self._device_log_projector.project_flat(rows)
             if self.exact is not None:
                 self.capture.suspended = True
                 batch_loss = make_batch_loss(self.model, passes, self.loss_fn, _rtol(self.compute_dtype),
@@ -414,13 +417,6 @@ class Tracker:
         finally:
             self.capture.suspended = False
             self._own_seconds += time.perf_counter() - start
-
-    def _preconditioner(self, optimizer, rows: torch.Tensor) -> torch.Tensor:
-        """Adam's D_t for the step about to be taken, flat in the layout (zeros where a parameter has no .grad)."""
-        parts = [torch.zeros(s.numel, dtype=rows.dtype, device=rows.device) if d is None
-                 else d.reshape(-1).to(device=rows.device, dtype=rows.dtype)
-                 for d, s in zip(adam_preconditioner(optimizer, self.params), self.layout.slots)]
-        return torch.cat(parts)
 
     def _after_step(self, optimizer, args, kwargs) -> None:
         if not self.active or not self._pending_step:

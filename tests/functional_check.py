@@ -94,3 +94,33 @@ def compare_with_torch(opt_fn, *, dtype=torch.float64, steps: int = 7, scheduler
         assert all(torch.equal(a, p.detach()) for a, p in zip(chained, params)), f"step {t}: the chained replay drifted"
         assert not _states_equal(chained_state, torch_state, rule.state_fields), f"step {t}: chained state drifted"
     return {"rule": rule, "opt": opt, "params": params, "rows": rows}
+
+
+def replay_from_store(run, store) -> dict[int, torch.Tensor]:
+    """Training replayed from the store alone: θ_0 from its first checkpoint, each step's trace row, and
+    gradients of the batch losses that ``run`` (a ``reference.Run``) recorded, through ``functional_step``.
+
+    Returns the flat θ at every checkpoint step. Equal to the store's checkpoints (up to the order of the
+    gradient sums) when the trace holds everything the optimizer's step depends on.
+    """
+    rule = store.optimizer_rule
+    assert store.trace_fields == rule.trace_fields, "the store holds only the fast fields"
+    layout = store.layout
+    names = [s.name for s in layout.slots]
+    theta = [t.clone() for t in layout.unflatten(torch.from_numpy(store.params_at(0))).values()]
+    state = {f: [None] * len(names) for f in rule.state_fields}
+    trace = store.trace()
+    out = {0: layout.flatten(theta)}
+    for t, step in enumerate(run.steps):
+        leaves = {n: v.clone().requires_grad_(True) for n, v in zip(names, theta)}
+        grads = [torch.zeros_like(v) for v in theta]
+        for idx, scale, model_state in step.calls:
+            run.set_state(model_state)
+            gs = torch.autograd.grad(run.batch_loss(leaves, idx, scale), list(leaves.values()), allow_unused=True)
+            grads = [a if g is None else a + g for a, g in zip(grads, gs)]
+        row = {f: trace[f][t] for f in rule.trace_fields}
+        grads = [g if row["active"][k] else None for k, g in enumerate(grads)]
+        theta, state = rule.functional_step(theta, grads, state, row)
+        if t + 1 in set(store.checkpoint_steps.tolist()):
+            out[t + 1] = layout.flatten(theta)
+    return out

@@ -13,13 +13,23 @@ The trace records, per step and parameter: lr, beta1, bias_correction1 = 1 − �
 (the group's λ), active (the fields the fast recursion reads; stores written before the others
 existed hold only these), and beta2, eps, amsgrad, decoupled (whether λ is AdamW's decoupled
 decay) and step (the parameter's step count t after this step), which the functional step needs.
+
+Fast mode only, with two approximations (docs/optimizers.md derives them). (1) v, hence
+D_t = 1/(√(v̂_t/(1−β2^t)) + ε), is held fixed with respect to w_i and H_t·h is dropped, so with
+b = dm/dw_i: b ← β1·b + (1−β1)·u_t, h ← (1−ηλ)·h − η/(1−β1^t)·D_t ⊙ b. (2) The response to an
+injection at step s uses D_s at every later step; then the log row is r_s = D_s ⊙ u_s
+(``precondition``, projected afterwards) and with b in preconditioned units the recursion is scalar
+per tensor again: b ← β1·b + (1−β1)·r, h ← (1−ηλ)·h − η/(1−β1^t)·b (``transitions``). Coupled L2
+(Adam with weight_decay > 0) and exact mode are refused (``validate``).
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 
+from ..errors import TrackingConfigError
 from ..params import ParamLayout
 from .base import OptimizerRule, Row, State, copy_or_none, scalar
 
@@ -70,6 +80,22 @@ class AdamRule(OptimizerRule):
         """Whether this group's weight decay is decoupled (AdamW's), as torch's Adam step reads it."""
         return bool(group.get("decoupled_weight_decay", self.name == "AdamW"))
 
+    # -- checks ----------------------------------------------------------------------------
+    def validate(self, optimizer, mode: str) -> None:
+        """Refuse maximize, exact mode and coupled L2 (Adam with weight_decay > 0), each saying what to do."""
+        super().validate(optimizer, mode)
+        if any(float(g["weight_decay"]) != 0 and not self.decoupled(g) for g in optimizer.param_groups):
+            raise TrackingConfigError(
+                "torch.optim.Adam with weight_decay > 0 (L2 added to the gradient before the adaptive scaling) is not "
+                "supported: its decay feeds back through the elementwise preconditioner, which a projected gradient "
+                "log cannot follow. Use torch.optim.AdamW (decoupled weight decay), or Adam with weight_decay=0.")
+
+    def exact_refusal(self) -> str:
+        kind = self.name
+        return (f"mode='exact' supports torch.optim.SGD only: hydra_nb's {kind} recursion is an approximation "
+                "(the second moment held fixed, Hessian terms dropped; see docs/optimizers.md), so there is no "
+                f"exact {kind} mode. Use mode='fast' with {kind}, or train with SGD for exact hypergradients.")
+
     # -- what a store records --------------------------------------------------------------
     def read_step(self, optimizer, params: list[nn.Parameter], layout: ParamLayout) -> Row:
         """Adam/AdamW's trace row for the step about to be taken (call before ``step``)."""
@@ -100,6 +126,62 @@ class AdamRule(OptimizerRule):
         """
         states = [optimizer.state.get(p, {}) for p in params]
         return {f: [copy_or_none(s.get(f)) for s in states] for f in self.state_fields}
+
+    # -- the log and the recursion -------------------------------------------------------------
+    def preconditioner(self, optimizer, params: list[nn.Parameter]) -> list[torch.Tensor | None]:
+        """D_t = 1/(√(v̂_t/(1−β2^t)) + ε) per parameter, as Adam is about to apply it (call before ``step``).
+
+        Computed from Adam's state and ``.grad`` as torch's Adam does: v_t = β2·v + (1−β2)·g² (v = 0
+        before the first step), v̂_t = max(v̂, v_t) with amsgrad, t = the step about to be taken.
+        None for a parameter without a gradient (Adam skips it).
+        """
+        group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+        out = []
+        for p in params:
+            if p.grad is None:
+                out.append(None)
+                continue
+            group = group_of[id(p)]
+            beta2 = float(group["betas"][1])
+            eps = float(group["eps"])
+            state = optimizer.state.get(p, {})
+            grad = p.grad.detach()
+            t = float(state["step"]) + 1 if "step" in state else 1.0
+            v = state.get("exp_avg_sq")
+            v = (1 - beta2) * grad * grad if v is None else v * beta2 + (1 - beta2) * grad * grad
+            if group["amsgrad"] and "max_exp_avg_sq" in state:
+                v = torch.maximum(state["max_exp_avg_sq"], v)
+            out.append(1.0 / (v.sqrt() / (1 - beta2 ** t) ** 0.5 + eps))
+        return out
+
+    def precondition(self, optimizer, params: list[nn.Parameter], layout: ParamLayout,
+                     rows: torch.Tensor) -> torch.Tensor:
+        """r = D_t ⊙ u for every full row u (R, D) of the step about to be taken (0 where a parameter has no .grad)."""
+        parts = [torch.zeros(s.numel, dtype=rows.dtype, device=rows.device) if d is None
+                 else d.reshape(-1).to(device=rows.device, dtype=rows.dtype)
+                 for d, s in zip(self.preconditioner(optimizer, params), layout.slots)]
+        return rows * torch.cat(parts)
+
+    def transitions(self, trace: Row) -> tuple[np.ndarray, np.ndarray]:
+        """(A, e) of approximations (1)+(2), u the preconditioned row: with c = η/(1−β1^t),
+
+            A = [[1−ηλ, −c·β1], [0, β1]],   e = [−c·(1−β1), 1−β1].
+
+        λ is AdamW's decoupled decay (``validate`` refuses coupled L2, so a store's λ is always that).
+        """
+        lr, beta1, bc1, wd = (trace[k].astype(np.float64) for k in ("lr", "beta1", "bias_correction1", "weight_decay"))
+        active = trace["active"]
+        c = lr / np.where(bc1 > 0, bc1, 1.0)
+        A = np.empty(lr.shape + (2, 2))
+        A[..., 0, 0] = 1 - lr * wd
+        A[..., 0, 1] = -c * beta1
+        A[..., 1, 0] = 0.0
+        A[..., 1, 1] = beta1
+        e = np.stack([-c * (1 - beta1), 1 - beta1], axis=-1)
+        eye = np.broadcast_to(np.eye(2), A.shape)
+        A = np.where(active[..., None, None], A, eye)
+        e = np.where(active[..., None], e, 0.0)
+        return A, e
 
     # -- the step as a function --------------------------------------------------------------
     def functional_step(self, params, grads, state: State, row: Row) -> tuple[list[torch.Tensor], State]:

@@ -1,9 +1,18 @@
 """``OptimizerRule``: everything hydra_nb knows about one family of ``torch.optim`` optimizers.
 
-A rule says which per-step hyperparameters of the optimizer a store records (its *trace*), how
-to read them from the optimizer right before ``step()``, how to read the optimizer's state, and
-how one step maps (θ_t, state_t, g_t) to (θ_{t+1}, state_{t+1}) as a differentiable function
-(``functional_step``) doing the same floating-point operations as torch's own step on the CPU.
+A rule says which configurations it can follow (``validate``), which per-step hyperparameters of
+the optimizer a store records (its *trace*) and how to read them right before ``step()``, how
+per-sample gradients enter the log (``precondition``), the fast recursion's per-step transition
+(``transitions``), forward exact mode's update (``exact_update``), how to read the optimizer's
+state, and how one step maps (θ_t, state_t, g_t) to (θ_{t+1}, state_{t+1}) as a differentiable
+function (``functional_step``) doing the same floating-point operations as torch's own step on
+the CPU.
+
+The fast recursion, for every rule: with h = dθ/dw_i and b the derivative of the rule's one
+auxiliary state (SGD's momentum buffer, Adam's first moment in preconditioned units), the
+Hessian-free response to sample i is (h, b) ← A_t·(h, b) + e_t·u_t per parameter tensor, u_t the
+sample's logged (projected) row at step t and A_t (2×2), e_t (2) scalars from the trace. Queries
+turn this into response coefficients (``hydra_nb.hypergrad.response_coefficients``).
 
 Every rule's trace has the boolean field ``active``: whether the parameter had a ``.grad`` at
 that step. torch's optimizers skip a parameter without one (its value and its state, step
@@ -90,12 +99,20 @@ class OptimizerRule(ABC):
     def validate(self, optimizer: torch.optim.Optimizer, mode: str) -> None:
         """Raise a ``TrackingConfigError`` saying what to do if hydra_nb cannot track ``optimizer`` in ``mode``.
 
-        The base check refuses ``maximize=True``; rules add their own refusals.
+        The base check refuses ``maximize=True`` and, for a rule without ``supports_exact``,
+        ``mode="exact"`` (``exact_refusal``); rules add their own refusals after these.
         """
         for g in optimizer.param_groups:
             if g.get("maximize", False):
                 raise TrackingConfigError(
                     f"{self.name} with maximize=True is not supported: minimise the negated loss instead.")
+        if mode == "exact" and not self.supports_exact:
+            raise TrackingConfigError(self.exact_refusal())
+
+    def exact_refusal(self) -> str:
+        """Why ``mode="exact"`` is refused for this optimizer, and what to do instead."""
+        return (f"mode='exact' is not available for {self.name}: hydra_nb has no exact recursion for it. "
+                "Use mode='fast'.")
 
     # -- what a store records --------------------------------------------------------------
     @abstractmethod
@@ -105,6 +122,35 @@ class OptimizerRule(ABC):
     @abstractmethod
     def read_state(self, optimizer: torch.optim.Optimizer, params: list[nn.Parameter]) -> State:
         """The optimizer's state as ``functional_step`` takes it: ``{field: [detached copy or None per param]}``."""
+
+    # -- the log and the recursions ------------------------------------------------------------
+    def precondition(self, optimizer: torch.optim.Optimizer, params: list[nn.Parameter], layout: ParamLayout,
+                     rows: torch.Tensor) -> torch.Tensor:
+        """The full per-sample gradient rows (R, D) of the step about to be taken, as they enter the log.
+
+        Called before ``step()`` with every row in full when ``full_rows`` is set (they are projected
+        afterwards); the base rule logs gradients as they are.
+        """
+        return rows
+
+    @abstractmethod
+    def transitions(self, trace: Row) -> tuple[np.ndarray, np.ndarray]:
+        """(A, e) of the fast recursion (h, b) ← A·(h, b) + e·u for trace arrays of shape (..., P).
+
+        Reads only ``fast_fields``. Returns A of shape (..., P, 2, 2) and e of shape (..., P, 2);
+        identity and zero where the parameter is not ``active``.
+        """
+
+    def exact_update(self, h: torch.Tensor, b: torch.Tensor, hvp: torch.Tensor, inj: torch.Tensor, row: Row,
+                     k: int) -> None:
+        """Forward exact mode: advance (h, b) of active parameter ``k`` in place over one step.
+
+        ``h``, ``b`` (tracked samples × the parameter's entries) are dθ/dw_i and the derivative of
+        the optimizer's state; ``hvp`` = H_t·h (the batch loss's Hessian) and ``inj`` = u_t (the
+        sample's gradient as it entered ``.grad``), so that dg/dw_i = hvp + inj.
+        Only for rules with ``supports_exact``.
+        """
+        raise NotImplementedError(f"{self.name} has no exact mode")
 
     # -- the step as a function --------------------------------------------------------------
     @abstractmethod

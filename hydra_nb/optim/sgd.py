@@ -11,10 +11,22 @@ PyTorch's SGD, per parameter tensor at step t, with its group's η (lr), μ (mom
 The trace records, per step and parameter: lr, momentum, dampening, weight_decay, nesterov,
 first (the momentum buffer is initialised to d at this step) and active (the parameter had a
 gradient; SGD skips it otherwise).
+
+Differentiating with respect to sample i's loss weight w_i at w = 0, with h = dθ/dw_i and
+b = d(buf)/dw_i (docs/optimizers.md):
+
+    dd = H_t·h + λ·h + u_t          u_t: sample i's gradient as it entered .grad at step t
+    b  ← dd | μ·b + (1−τ)·dd
+    ds = dd + μ·b | b | dd
+    h  ← h − η·ds
+
+Exact mode (``exact_update``) keeps H_t·h. Fast mode drops it; (h, b) then evolve by a 2×2 matrix
+of scalars per parameter tensor and step (``transitions``), which commutes with a projection.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -33,6 +45,7 @@ class SGDRule(OptimizerRule):
     fast_fields = trace_fields
     bool_fields = frozenset({"nesterov", "first", "active"})
     state_fields = ("momentum_buffer",)
+    supports_exact = True
 
     @classmethod
     def claims(cls, optimizer) -> "SGDRule | None":
@@ -63,6 +76,51 @@ class SGDRule(OptimizerRule):
         """``momentum_buffer`` per parameter (None before its first momentum step), detached copies."""
         return {"momentum_buffer": [copy_or_none(optimizer.state.get(p, {}).get("momentum_buffer"))
                                     for p in params]}
+
+    # -- the recursions ------------------------------------------------------------------------
+    def transitions(self, trace: Row) -> tuple[np.ndarray, np.ndarray]:
+        """(A, e) of SGD's Hessian-free recursion: the module docstring's equations with H_t·h dropped.
+
+        buf' = bh·h + bb·b + bu·u and s = sh·h + sb·b + su·u, then h' = h − η·s, so
+        A = [[1 − η·sh, −η·sb], [bh, bb]] and e = [−η·su, bu].
+        """
+        lr, mom, damp, wd = (trace[k].astype(np.float64) for k in ("lr", "momentum", "dampening", "weight_decay"))
+        nest, first, active = trace["nesterov"], trace["first"], trace["active"]
+        # buf' = bh·h + bb·b + bu·u
+        bh = np.where(first, wd, (1 - damp) * wd)
+        bb = np.where(first, 0.0, mom)
+        bu = np.where(first, 1.0, 1 - damp)
+        # step = sh·h + sb·b + su·u
+        sh = np.where(nest, wd + mom * bh, bh)
+        sb = np.where(nest, mom * bb, bb)
+        su = np.where(nest, 1 + mom * bu, bu)
+        no_mom = mom == 0
+        bh, bb, bu = (np.where(no_mom, 0.0, x) for x in (bh, bb, bu))
+        sh, sb, su = np.where(no_mom, wd, sh), np.where(no_mom, 0.0, sb), np.where(no_mom, 1.0, su)
+        A = np.empty(lr.shape + (2, 2))
+        A[..., 0, 0] = 1 - lr * sh
+        A[..., 0, 1] = -lr * sb
+        A[..., 1, 0] = bh
+        A[..., 1, 1] = bb
+        e = np.stack([-lr * su, bu], axis=-1)
+        eye = np.broadcast_to(np.eye(2), A.shape)
+        A = np.where(active[..., None, None], A, eye)
+        e = np.where(active[..., None], e, 0.0)
+        return A, e
+
+    def exact_update(self, h, b, hvp, inj, row: Row, k: int) -> None:
+        """dd = H_t·h + λ·h + u;   b ← dd | μ·b + (1−τ)·dd;   ds = dd + μ·b | b | dd;   h ← h − η·ds (in place)."""
+        lr, mom, damp, wd = (float(row[f][k]) for f in ("lr", "momentum", "dampening", "weight_decay"))
+        dd = hvp + wd * h + inj
+        if mom != 0:
+            if row["first"][k]:
+                b.copy_(dd)
+            else:
+                b.mul_(mom).add_(dd, alpha=1 - damp)
+            ds = dd + mom * b if row["nesterov"][k] else b
+        else:
+            ds = dd
+        h.sub_(lr * ds)
 
     # -- the step as a function --------------------------------------------------------------
     def functional_step(self, params, grads, state: State, row: Row) -> tuple[list[torch.Tensor], State]:
