@@ -720,11 +720,11 @@ class _CoefficientSweep:
     the last ones asked for (other than the last step itself) restarts from the top.
     """
 
-    def __init__(self, arrays, stops, rule):
-        """``arrays``: field name → the trace array (anything sliceable: zarr, checked store arrays, numpy),
-        at least ``rule.fast_fields``; ``rule``: the store's ``OptimizerRule`` (its ``transitions``)."""
+    def __init__(self, arrays, stops, transitions):
+        """``arrays``: field name → the trace array (anything sliceable: zarr, checked store arrays, numpy);
+        ``transitions(trace window) -> (A, e)``: the optimizer rule's recursion (``OptimizerRule.transitions``)."""
         self.arrays = dict(arrays)
-        self.rule = rule
+        self.transitions = transitions
         stops = np.asarray(stops, dtype=np.int64).reshape(-1)
         self.order = np.argsort(stops, kind="stable")
         self.sorted = stops[self.order]
@@ -759,7 +759,7 @@ class _CoefficientSweep:
         doubling (Hillis–Steele) scan, log2(hi - lo) batched 2×2 products instead of a loop
         over steps.
         """
-        A, e = self.rule.transitions(self._trace(lo, hi))
+        A, e = self.transitions(self._trace(lo, hi))
         Q, e = A[::-1].copy(), e[::-1]  # index j ↔ step hi-1-j
         d = 1
         while d < len(Q):
@@ -953,7 +953,7 @@ def _log_pass_part(store: Store, part: dict, stops: np.ndarray, end: int, block_
                    progress: _Progress | None) -> None:
     arrays = (store.array(part["sample"]), store.array(part["step"]), store.array(part["grad"]))
     grad = arrays[2]
-    sweep = _CoefficientSweep(_trace_arrays(store), stops, store.optimizer_rule)
+    sweep = _CoefficientSweep(_trace_arrays(store), stops, store.optimizer_rule.transitions)
     starts = list(range(0, end, block_rows))[::-1]
     n = min(block_rows, end)
     buffers = [np.empty((n, grad.shape[1]), dtype=np.dtype(grad.dtype)) for _ in range(min(2, len(starts)))]
@@ -1058,7 +1058,7 @@ def _dask_fast_pass(store: Store, npg: torch.Tensor, stops: np.ndarray, col: np.
         # step range of each block, from row_end (rows of step t are row_end[t-1]:row_end[t])
         row_end = np.asarray(store.array(part["row_end"])[:top])
         bounds = np.cumsum((0,) + grad.chunks[0])
-        sweep = _CoefficientSweep(_trace_arrays(store), stops, store.optimizer_rule)
+        sweep = _CoefficientSweep(_trace_arrays(store), stops, store.optimizer_rule.transitions)
         part_tasks = [None] * len(g_blocks)
         for b in range(len(g_blocks) - 1, -1, -1):  # last block first: the sweep runs backwards
             lo = int(np.searchsorted(row_end, bounds[b], side="right"))

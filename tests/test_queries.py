@@ -239,7 +239,7 @@ def test_sweep_matches_response_coefficients(monkeypatch, trace_block, segment_b
     rule = SGDRule() if kind == "sgd" else AdamRule()
     stops = np.array([60, 12, 37, 5])
     ref = response_coefficients(trace, stops, rule)  # (4, 60, 3)
-    sweep = _CoefficientSweep(trace, stops, rule)
+    sweep = _CoefficientSweep(trace, stops, rule.transitions)
     # descending blocks of distinct steps, adjacent blocks sharing their boundary step (as log blocks do)
     for lo, hi in [(50, 60), (41, 51), (41, 42), (20, 42), (3, 21), (0, 4)]:
         steps = np.unique(np.random.default_rng(lo).integers(lo, hi, 6).tolist() + [lo, hi - 1])
@@ -248,7 +248,7 @@ def test_sweep_matches_response_coefficients(monkeypatch, trace_block, segment_b
     # out of order: restarts from the top and is still right
     np.testing.assert_allclose(sweep.at(np.array([30, 55])), ref[:, [30, 55]], rtol=1e-13, atol=1e-15)
     # steps at or after every stop are zero
-    np.testing.assert_array_equal(_CoefficientSweep(trace, [10], rule).at(np.array([10, 11])), 0.0)
+    np.testing.assert_array_equal(_CoefficientSweep(trace, [10], rule.transitions).at(np.array([10, 11])), 0.0)
 
 
 # ------------------------------------------------------------------------------------------
