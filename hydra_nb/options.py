@@ -236,9 +236,5 @@ class TrackOptions:
                 f"Cannot resume {where!r}: {'; '.join(problems)}. Resume with the same model, dataset and "
                 "options, or start a new run (overwrite=True or another store path).")
 
-    def kwargs(self) -> dict:
-        """The options as keyword arguments of ``track`` (``dataclasses.asdict`` would deep-copy the callables)."""
-        return {f.name: getattr(self, f.name) for f in fields(self)}
-
 
 _SWITCHES = tuple(f.name for f in fields(TrackOptions) if f.metadata.get("action") == "store_true")
