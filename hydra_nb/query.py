@@ -214,8 +214,8 @@ class Store:
 
     It holds a :class:`~hydra_nb.store.StoreReader` (``reader``: metadata and raw arrays, up to what
     was committed) and one hypergradient source per mode asked for (:meth:`source`). Every query
-    takes ``mode`` (None: the store's own), ``progress`` (None: a tqdm bar when the work has more
-    than a few chunks; False: silent; True: always a bar; a callable ``progress(done, total)``
+    takes ``mode`` (None: the store's own), ``progress`` (None: a tqdm bar once the work has run about a
+    second; False: silent; True: a bar from the start; a callable ``progress(done, total)``
     counted in chunks of work: batches of gradients and blocks of the log or of ``exact/h``) and
     ``memory_budget`` (bytes; default 512 MiB) which sets the block sizes.
     """
@@ -512,8 +512,10 @@ class Store:
         proj = meta.get("projection", {})
         n_tracked = len(self.tracked_indices)
         samples = f"{self.n_train:,}" + (" (all tracked)" if n_tracked == self.n_train else f" ({n_tracked:,} tracked)")
-        if proj.get("requested") is None:
-            projection = f"none (full dimension, {self.layout.size:,} parameters)"
+        if not any(block.get("sketch") for block in proj.get("blocks", [{"sketch": True}])):
+            asked = proj.get("requested")
+            projection = f"none (full dimension, {self.layout.size:,} parameters" + (
+                "" if asked is None else f"; projection_dim={asked} asked for most of them") + ")"
         else:
             projection = (f"{proj.get('kind', '?')}, k = {int(proj.get('dim', 0)):,} of {self.layout.size:,} "
                           f"parameters (seed {proj.get('seed')})")

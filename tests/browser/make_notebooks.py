@@ -42,7 +42,7 @@ live.live(every=15, pin=[0, 1])
 live"""
 
 LIVE_TRAIN = """\
-%%hydra_track --store runs/live.zarr --dim 256 --checkpoint-every 15 --overwrite
+%%hydra_track --store runs/live.zarr --dim 256 --checkpoint-every 15
 for epoch in range(4):
     for x, y in loader:
         opt.zero_grad(); F.cross_entropy(model(x), y).backward(); opt.step()
