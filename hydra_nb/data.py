@@ -12,8 +12,8 @@ cross-entropy of the model's outputs against the targets.
 Datasets for the explorer and the plots (:class:`Samples`, ``as_samples``) accept, for test and
 training data alike:
 
-- a pair ``(inputs, targets)`` of tensors or arrays: images (N, 1, H, W), (N, 3, H, W) or (N, H, W);
-  feature rows (N, D) (tabular);
+- a pair ``(inputs, targets)`` of tensors, arrays or pandas objects: images (N, 1, H, W), (N, 3, H, W)
+  or (N, H, W); feature rows (N, D) (tabular), named by ``feature_names=`` or a DataFrame's columns;
 - a pair ``(texts, targets)`` where ``texts`` is a sequence of strings; the model's inputs come from
   ``encode(list_of_strings) -> tensor`` (required for queries);
 - a torch ``Dataset`` whose items are ``(x, y)``; ``x`` a tensor (an image (C, H, W)/(H, W) or a
@@ -21,10 +21,15 @@ training data alike:
   exists, else from one pass over the items (only when a view needs all labels).
 
 ``display``: optional strings shown instead of the default (e.g. the raw text of tokenised inputs).
+
+pandas is optional: a ``DataFrame``/``Series`` is accepted wherever a tensor of samples is (queries' inputs
+and targets, the explorer's and the plots' data) and turned into a tensor of its values; nothing here
+imports pandas.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Sequence
 
 import numpy as np
@@ -33,6 +38,44 @@ import torch.nn.functional as F
 
 THUMB_MAX = 64  # thumbnails are downsampled to at most this many pixels a side
 TEXT_MAX = 240  # characters of text or a formatted row shown on a card
+SALIENT = 4  # named features a tabular card lists first (the most unusual values of the row)
+_STATS_ROWS = 20_000  # rows the feature statistics (what is unusual) are estimated from
+
+
+def is_pandas(value) -> bool:
+    """A pandas DataFrame or Series (or Index), recognised without importing pandas."""
+    return type(value).__module__.split(".")[0] == "pandas" and hasattr(value, "to_numpy")
+
+
+def from_pandas(value, what: str = "data"):
+    """A tensor of a DataFrame's/Series' values (anything else unchanged); non-numeric columns are refused."""
+    if not is_pandas(value):
+        return value
+    array = value.to_numpy(copy=True)  # pandas may hand out a read-only view; a tensor wants its own memory
+    if array.dtype == object or array.dtype.kind not in "biuf":
+        columns = getattr(value, "columns", None)
+        bad = [str(c) for c in columns if value[c].dtype.kind not in "biuf"] if columns is not None else []
+        which = f" (columns {', '.join(bad[:5])}{', …' if len(bad) > 5 else ''})" if bad else ""
+        raise ValueError(f"{what}: the pandas values are not numeric{which}. Encode them as numbers first "
+                         "(e.g. pandas.get_dummies for categories, Series.cat.codes for class labels).")
+    return torch.as_tensor(array)
+
+
+def feature_names_of(value) -> list[str] | None:
+    """A DataFrame's column names, as strings (None for anything else)."""
+    columns = getattr(value, "columns", None) if is_pandas(value) else None
+    return None if columns is None else [str(c) for c in columns]
+
+
+def short_number(v: float) -> str:
+    """A feature value in a few characters: 17.99 → 18.0, 0.1184 → 0.118, 1001.0 → 1.0e+03, 3.0 → 3."""
+    v = float(v)
+    if not math.isfinite(v):
+        return str(v)
+    if v == int(v) and abs(v) < 1e5:
+        return str(int(v))
+    a = abs(v)
+    return f"{v:.1e}" if a >= 1e4 or a < 1e-3 else f"{v:.3g}"
 
 
 class ModelInputs:
@@ -42,6 +85,7 @@ class ModelInputs:
     def __init__(self, value):
         if isinstance(value, ModelInputs):
             value = value.value
+        value = from_pandas(value, "inputs")
         if isinstance(value, dict):
             self.kind, leaves = "dict", list(value.values())
         elif isinstance(value, (tuple, list)) and value and all(torch.is_tensor(v) for v in value):
@@ -91,10 +135,86 @@ def default_loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 def as_pair(inputs, targets) -> tuple[ModelInputs, torch.Tensor]:
     """Test points: model inputs (a tensor, a tuple or a dict of tensors, see ``ModelInputs``) and targets."""
-    inputs, targets = ModelInputs(inputs), torch.as_tensor(targets)
+    inputs, targets = ModelInputs(inputs), torch.as_tensor(from_pandas(targets, "targets"))
+    single = ("; a single sample needs its batch dimension: pass x[None] (or x.reshape(1, -1)) and [y]"
+              if inputs.kind == "tensor" and inputs.value.ndim == 1 and targets.numel() == 1 else "")
+    if targets.ndim == 0:
+        raise ValueError(f"targets is one value ({targets.item()!r}); queries take one target per test point, "
+                         f"shape (n,){single or ': pass [y] (or y[None]) for a single sample'}.")
     if len(inputs) != targets.shape[0]:
-        raise ValueError(f"inputs ({len(inputs)}) and targets ({targets.shape[0]}) differ in length.")
+        raise ValueError(f"inputs ({len(inputs)}) and targets ({targets.shape[0]}) differ in length{single}.")
     return inputs, targets
+
+
+def check_points(model, inputs: ModelInputs, targets: torch.Tensor, loss_fn, what: str = "test points") -> None:
+    """Run ``model`` and ``loss_fn`` on the first of these points, before any work, and turn a failure into a
+    ``ValueError`` that says what the model expects (its first layer's input, class-index targets).
+
+    Eval mode and no gradients, as queries run it; the model's parameters and modes are left as they were.
+    Float inputs are cast to the model's dtype and moved to its device, as queries do.
+    """
+    if len(inputs) == 0:
+        return
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else None
+    dtype = param.dtype if param is not None and param.is_floating_point() else None
+    one = inputs[:1].map(lambda t: t.to(device=device, dtype=dtype if t.is_floating_point() else None))
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad():
+            args, kwargs = one.rebuild(one.leaves())
+            try:
+                out = model(*args, **kwargs)
+            except Exception as exc:
+                raise ValueError(_forward_problem(model, inputs, exc, what)) from exc
+            try:
+                loss_fn(out, targets[:1].to(device))
+            except Exception as exc:
+                raise ValueError(_loss_problem(targets, loss_fn, exc, what)) from exc
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+def _first_layer(model):
+    """The first module (in definition order) that holds parameters of its own."""
+    for m in model.modules():
+        if any(True for _ in m.parameters(recurse=False)):
+            return m
+    return None
+
+
+def _forward_problem(model, inputs: ModelInputs, exc: Exception, what: str) -> str:
+    shapes = ", ".join(str(tuple(t.shape)) for t in inputs.leaves())
+    head = (f"The model cannot run on these {what} (inputs of shape {shapes}): model(inputs[:1]) raised "
+            f"{type(exc).__name__}: {exc}.")
+    layer = _first_layer(model)
+    x = inputs.leaves()[0]
+    if isinstance(layer, torch.nn.Linear):
+        have = f"; these have {x.shape[-1]}" if x.shape[-1] != layer.in_features else ""
+        return (f"{head} Its first layer, Linear({layer.in_features} → {layer.out_features}), takes "
+                f"{layer.in_features} features per sample, inputs of shape (n, {layer.in_features}){have}. Pass the "
+                "feature columns the model was trained on, in the same order.")
+    if isinstance(layer, torch.nn.modules.conv._ConvNd):
+        dims = len(layer.kernel_size)
+        space = ", ".join("HWD"[:dims]) if dims > 1 else "L"
+        return (f"{head} Its first layer, {type(layer).__name__}({layer.in_channels} → {layer.out_channels}), takes "
+                f"inputs of shape (n, {layer.in_channels}, {space}): samples on the first dimension, then channels.")
+    if isinstance(layer, torch.nn.Embedding):
+        return (f"{head} Its first layer, Embedding({layer.num_embeddings}, {layer.embedding_dim}), takes integer "
+                f"token ids in [0, {layer.num_embeddings}).")
+    return f"{head} Pass inputs shaped like one batch of the training loop (samples on the first dimension)."
+
+
+def _loss_problem(targets: torch.Tensor, loss_fn, exc: Exception, what: str) -> str:
+    head = (f"The loss cannot be computed for these {what}: loss_fn(model(inputs[:1]), targets[:1]) raised "
+            f"{type(exc).__name__}: {exc}.")
+    if loss_fn is default_loss and targets.is_floating_point() and targets.ndim == 1:
+        return (f"{head} The targets are {str(targets.dtype).replace('torch.', '')}; the default loss (cross-entropy) "
+                "takes class indices, as integers: pass targets.long() (or the loss_fn=... the run was tracked with).")
+    return (f"{head} The targets ({str(targets.dtype).replace('torch.', '')}, shape {tuple(targets.shape)}) must be "
+            "what the training loop's loss took, and loss_fn the per-sample loss the run was tracked with.")
 
 
 def is_pair(dataset) -> bool:

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .data import as_pair, default_loss
+from .data import as_pair, check_points, default_loss
 from .sources import (DEFAULT_MEMORY_BUDGET, SOURCES, HypergradientSource, Progress, TestPoints, positions,
                       test_gradients)
 from .store import StoreReader
@@ -372,16 +372,20 @@ class Store:
                 "loss_fn=... to the query (a store never holds code).")
         return default_loss
 
-    def _tests(self, model, inputs, targets, loss_fn) -> TestPoints:
+    def _tests(self, model, inputs, targets, loss_fn, what: str = "test points") -> TestPoints:
+        """The test points of a query, checked before any work (``check_points``: one dry forward and loss)."""
         inputs, targets = as_pair(inputs, targets)
-        return TestPoints(model, inputs, targets, self._loss(loss_fn))
+        loss = self._loss(loss_fn)
+        check_points(model, inputs, targets, loss, what)
+        return TestPoints(model, inputs, targets, loss)
 
     # -- queries ----------------------------------------------------------------------------------
     def test_gradients(self, model: nn.Module, inputs, targets, checkpoint: int = -1, loss_fn=None) -> torch.Tensor:
         """∇_θ L(z_j; θ) at a checkpoint's parameters, one flat row per test sample."""
         c = self.reader.checkpoint_index(checkpoint)
+        tests = self._tests(model, inputs, targets, loss_fn)
         return test_gradients(model, self.layout, self.params_at(c), self.reader.buffers_at(c), self.meta["buffers"],
-                              inputs, targets, self._loss(loss_fn))
+                              tests.inputs, tests.targets, tests.loss_fn)
 
     def contributions(self, model: nn.Module, inputs, targets, mode: str | None = None, *, loss_fn=None,
                       checkpoint: int = -1, engine: str = "numpy", progress=None,
@@ -445,6 +449,9 @@ class Store:
         source, budget = self.source(mode), _budget(memory_budget)
         c = self.reader.checkpoint_index(checkpoint)
         train = TestPoints.of_dataset(model, dataset, self._loss(loss_fn))
+        if len(train):
+            first = train.take([0])  # the training set's first sample, checked as test points are
+            check_points(model, first.inputs, first.targets, first.loss_fn, "training samples")
         with Progress(progress, "self_influence") as bar:
             return self_influence(source, train, c, budget=budget, progress=bar)
 
