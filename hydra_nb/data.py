@@ -68,14 +68,20 @@ def feature_names_of(value) -> list[str] | None:
 
 
 def short_number(v: float) -> str:
-    """A feature value in a few characters: 17.99 → 18.0, 0.1184 → 0.118, 1001.0 → 1.0e+03, 3.0 → 3."""
+    """A feature value in a few characters, as the explorer writes it (js/src/format.js ``num``): 17.99 → 18,
+    0.1184 → 0.118, 1001.5 → 1002, 3.0 → 3, 123456.7 → 1.2e+5."""
     v = float(v)
     if not math.isfinite(v):
         return str(v)
-    if v == int(v) and abs(v) < 1e5:
-        return str(int(v))
     a = abs(v)
-    return f"{v:.1e}" if a >= 1e4 or a < 1e-3 else f"{v:.3g}"
+    if v == int(v) and a < 1e5:
+        return str(int(v))
+    if a >= 1e5 or a < 1e-3:
+        mantissa, exponent = f"{v:.1e}".split("e")
+        return f"{mantissa}e{'-' if exponent.startswith('-') else '+'}{int(exponent.lstrip('+-'))}"
+    if a >= 100:
+        return str(math.floor(v + 0.5))  # as JavaScript's Math.round (Python's round() rounds half to even)
+    return f"{v:.3g}"
 
 
 class ModelInputs:
@@ -253,15 +259,24 @@ def _is_strings(x) -> bool:
 
 
 class Samples:
-    """One dataset: ``batch(ids)`` gives model inputs/targets, ``labels`` the classes, ``view(ids)`` the display."""
+    """One dataset: ``batch(ids)`` gives model inputs/targets, ``labels`` the classes, ``view(ids)`` the display.
+
+    Feature rows (``kind == "tabular"``) are named by ``feature_names`` (or a DataFrame's columns; else
+    ``x0, x1, …``); a row reads best by its most unusual values (``salient``: largest |z-score| against
+    ``feature_stats``, the dataset's own column means and standard deviations unless given).
+    """
 
     def __init__(self, data, *, encode: Callable | None = None, display: Sequence[str] | None = None,
-                 name: str = "data"):
+                 feature_names: Sequence[str] | None = None, name: str = "data"):
         self.name, self.encode = name, encode
         self._labels: np.ndarray | None = None
         self._x = self._y = self._texts = self._dataset = None
+        self._stats = None
+        names = None
         if isinstance(data, (tuple, list)) and len(data) == 2 and (_is_tensorlike(data[0]) or _is_strings(data[0])):
             x, y = data
+            names = feature_names_of(x)
+            x, y = from_pandas(x, f"{name} inputs"), from_pandas(y, f"{name} targets")
             self._y = torch.as_tensor(np.asarray(y) if not torch.is_tensor(y) else y)
             if _is_strings(x):
                 self._texts = list(x)
@@ -291,6 +306,15 @@ class Samples:
             self._needs_encode = True
         else:
             self._needs_encode = False
+        self.feature_names = None
+        if self.kind == "tabular" and first is not None:
+            width = int(torch.as_tensor(first).numel())
+            names = list(feature_names) if feature_names is not None else names
+            if names is not None and len(names) != width:
+                raise ValueError(f"{name}: {len(names)} feature names for rows of {width} features.")
+            self.feature_names = [str(c) for c in names] if names is not None else [f"x{i}" for i in range(width)]
+        elif feature_names is not None:
+            raise ValueError(f"{name}: feature_names are for feature rows (N, D); these samples are {self.kind}s.")
 
     # -- what it is -------------------------------------------------------------------------
     def _kind(self, first) -> str:
@@ -376,28 +400,73 @@ class Samples:
         x = ((x - lo) / torch.clamp(hi - lo, min=1e-12) * 255).round().clamp(0, 255).to(torch.uint8)
         return x.permute(0, 2, 3, 1).contiguous().numpy()
 
+    def features(self, ids) -> np.ndarray:
+        """float64 (n, D): the feature rows ``ids`` (tabular samples)."""
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        xs, _ = self._raw(ids)
+        rows = [torch.as_tensor(x).reshape(-1) for x in xs] if isinstance(xs, list) else list(xs.reshape(len(ids), -1))
+        width = len(self.feature_names or ())
+        if not rows:
+            return np.zeros((0, width))
+        return torch.stack(rows).detach().to("cpu", torch.float64).numpy()
+
+    def feature_stats(self) -> tuple[np.ndarray, np.ndarray]:
+        """(mean, std) of each feature over the dataset (over an even sample of at most 20,000 rows), cached."""
+        if self._stats is None:
+            ids = np.linspace(0, self.n - 1, min(self.n, _STATS_ROWS)).round().astype(np.int64) if self.n else []
+            rows = self.features(np.unique(ids))
+            self._stats = (rows.mean(0), rows.std(0)) if len(rows) else (np.zeros(0), np.zeros(0))
+        return self._stats
+
+    def salient(self, ids, k: int = SALIENT, stats=None) -> tuple[np.ndarray, np.ndarray]:
+        """(order (n, k) int64, z (n, k)): per row, its ``k`` features with the largest |z-score| (ties: column
+        order), against ``stats`` = (mean, std) (default: ``feature_stats``); constant features score 0."""
+        rows = self.features(ids)
+        mean, std = stats if stats is not None else self.feature_stats()
+        with np.errstate(invalid="ignore", divide="ignore"):
+            z = np.where(std > 0, (rows - mean) / np.where(std > 0, std, 1.0), 0.0)
+        k = min(int(k), rows.shape[1])
+        order = np.argsort(-np.abs(z), axis=1, kind="stable")[:, :k]
+        return order, np.take_along_axis(z, order, axis=1)
+
+    def row_texts(self, ids, max_chars: int = TEXT_MAX, stats=None) -> list[str]:
+        """Feature rows as "name value" items, the most unusual first, whole items only (never cut in a number)."""
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        rows = self.features(ids)
+        order, _ = self.salient(ids, rows.shape[1], stats)
+        out = []
+        for row, cols in zip(rows, order):
+            items, used = [], 0
+            for c in cols:
+                item = f"{self.feature_names[c]} {short_number(row[c])}"
+                if items and used + len(item) + 2 > max_chars - 2:
+                    items.append("…")
+                    break
+                items.append(item)
+                used += len(item) + 2
+            out.append(", ".join(items))
+        return out
+
     def texts(self, ids) -> list[str]:
-        """Short strings: the text itself, or the formatted feature row."""
+        """Short strings: the text itself, or the feature row as named items, the most unusual first."""
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
         if self.display is not None:
             out = [self.display[int(i)] for i in ids]
+        elif self.kind == "tabular":
+            return self.row_texts(ids)
         else:
             xs, _ = self._raw(ids)
-            out = []
-            for x in xs:
-                if isinstance(x, str):
-                    out.append(x)
-                else:
-                    row = torch.as_tensor(x).reshape(-1).tolist()
-                    shown = ", ".join(f"{v:.3g}" if isinstance(v, float) else str(v) for v in row[:12])
-                    out.append("[" + shown + (", …" if len(row) > 12 else "") + f"]  ({len(row)} features)"
-                               if len(row) > 12 else "[" + shown + "]")
+            out = [x if isinstance(x, str) else str(x) for x in xs]
         return [s if len(s) <= TEXT_MAX else s[:TEXT_MAX - 1] + "…" for s in out]
 
-    def view(self, ids) -> dict:
-        """What a card shows: ``{"thumbs": uint8 (n, H, W, C)}`` for images, ``{"texts": [...]}`` otherwise."""
+    def view(self, ids, stats=None) -> dict:
+        """What a card shows: ``{"thumbs": uint8 (n, H, W, C)}`` for images; for feature rows ``{"features":
+        float64 (n, D), "salient": (n, k) column order, "z": (n, k)}`` (``salient``); ``{"texts": [...]}`` otherwise."""
         if self.kind == "image":
             return {"thumbs": self.thumbnails(ids)}
+        if self.kind == "tabular" and self.display is None:
+            order, z = self.salient(ids, SALIENT, stats)
+            return {"features": self.features(ids), "salient": order, "z": z}
         return {"texts": self.texts(ids)}
 
 
@@ -417,3 +486,12 @@ class _EncodedItems:
 
 def as_samples(data, name: str, **kwargs) -> Samples:
     return data if isinstance(data, Samples) else Samples(data, name=name, **kwargs)
+
+
+def feature_stats_for(*samples: Samples):
+    """The (mean, std) the rows of several datasets are compared against: the first tabular one's (the training
+    set's, so that a test row's unusual values are unusual for the training data), or None."""
+    for s in samples:
+        if s.kind == "tabular" and s.display is None:
+            return s.feature_stats()
+    return None

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 import hydra_nb
 from hydra_nb.examples import MLP, SmallCNN, load_digits
 from hydra_nb.widgets import Explorer, explore
-from hydra_nb.data import Samples
+from hydra_nb.data import Samples, short_number
 from hydra_nb.widgets.wire import pack, put_buffers, split_buffers, unpack
 
 REPO = Path(__file__).resolve().parents[1]
@@ -251,8 +251,11 @@ def test_samples_images_text_tabular_and_datasets():
     assert t.max() == 255 and t.min() == 0  # each image scaled to its own range
     grey = Samples((np.random.rand(5, 6, 7), np.arange(5)))
     assert grey.kind == "image" and grey.thumbnails([0]).shape == (1, 6, 7, 1)
-    rows = Samples((torch.randn(5, 3), torch.arange(5)))
-    assert rows.kind == "tabular" and rows.texts([0])[0].startswith("[") and "view" not in rows.view([0])
+    x5 = torch.randn(5, 3)
+    rows = Samples((x5, torch.arange(5)))
+    assert rows.kind == "tabular" and rows.feature_names == ["x0", "x1", "x2"] and "view" not in rows.view([0])
+    order, _ = rows.salient([0], 3)  # a row as named items, the most unusual first (it was "[v0, v1, v2]")
+    assert rows.texts([0])[0] == ", ".join(f"x{c} {short_number(x5[0, c])}" for c in order[0])
     texts = Samples((["a good film", "a bad film"], [1, 0]), encode=lambda s: torch.tensor([[len(x)] for x in s]))
     assert texts.kind == "text" and texts.texts([1]) == ["a bad film"]
     x, y = texts.batch([0, 1])
@@ -287,8 +290,104 @@ def test_tabular_explorer_end_to_end(tmp_path):
                 opt.zero_grad(); F.cross_entropy(model(xb), yb).backward(); opt.step()
     f = Front(explore(str(tmp_path / "t.zarr"), model, (x[:10], y[:10]), (x, y), class_names=["neg", "pos"]))
     r = f.ask("rankings", test=0, k=4)
-    assert len(r["groups"]["helpful"]["texts"]) == 4 and "thumbs" not in r["groups"]["helpful"]
-    assert f.ask("gallery", limit=3)["texts"][0].startswith("[")
+    # feature rows travel as numbers (the cards draw named tables), not as texts or thumbnails
+    helpful = r["groups"]["helpful"]
+    assert helpful["features"].shape == (4, 6) and "thumbs" not in helpful and "texts" not in helpful
+    np.testing.assert_array_equal(helpful["features"], x.double().numpy()[helpful["indices"]])
+    assert f.ask("gallery", limit=3)["features"].shape == (3, 6)
+
+
+def _tabular_run(path, mode="fast"):
+    """A breast-cancer-like table: 6 named features of very different scales, 2 classes."""
+    import pandas as pd  # a test dependency; hydra_nb itself never imports it
+
+    torch.manual_seed(0)
+    x = torch.randn(120, 6, dtype=torch.float64) * torch.tensor([1.0, 10.0, 0.01, 1000.0, 1.0, 0.1],
+                                                                dtype=torch.float64)
+    y = (x[:, 0] > 0).long()
+    names = ["mean radius", "mean texture", "mean smoothness", "worst area", "worst symmetry", "fractal dimension"]
+    frame, labels = pd.DataFrame(x.numpy(), columns=names), pd.Series(y.numpy(), name="diagnosis")
+    loader = DataLoader(TensorDataset((x / x.std(0)).float(), y), batch_size=20, shuffle=True)
+    model = MLP(hidden=8, n_classes=2, n_inputs=6)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    kw = {"exact_indices": list(range(0, 120, 3))} if mode == "exact" else {}
+    with hydra_nb.track(model, loader, store=path, optimizer=opt, projection_dim=None, mode=mode,
+                        **kw):
+        for _ in range(2):
+            for xb, yb in loader:
+                opt.zero_grad(); F.cross_entropy(model(xb), yb).backward(); opt.step()
+    scaled = pd.DataFrame((x / x.std(0)).numpy(), columns=names)  # what the model was trained on, as a DataFrame
+    return model, scaled, labels, frame
+
+
+def test_tabular_explorer_names_features_from_a_dataframe(tmp_path):
+    model, scaled, labels, _ = _tabular_run(tmp_path / "t.zarr")
+    ex = explore(str(tmp_path / "t.zarr"), model, (scaled[:10], labels[:10]), (scaled, labels),
+                 class_names=["malignant", "benign"])
+    assert ex.info["feature_names"] == list(scaled.columns) and ex.info["test_kind"] == "tabular"
+    f = Front(ex)
+    r = f.ask("rankings", test=3, k=5)
+    # the selected row travels with the answer; its salient features are the most unusual against the training set
+    row = r["test_view"]["features"][0]
+    mean, std = scaled.to_numpy().mean(0), scaled.to_numpy().std(0)
+    z = (row - mean) / std
+    np.testing.assert_array_equal(r["test_view"]["salient"][0], np.argsort(-np.abs(z), kind="stable")[:4])
+    np.testing.assert_allclose(r["test_view"]["z"][0], z[r["test_view"]["salient"][0]], rtol=1e-5)
+    # predictions from a float64 DataFrame on a float32 model, as the queries take it
+    pred = ex.predictions()
+    with torch.no_grad():
+        m = MLP(hidden=8, n_classes=2, n_inputs=6)
+        ex.store.load_params(m)
+        expect = m.eval()(torch.tensor(scaled[:10].to_numpy()).float()).argmax(1).numpy()
+    np.testing.assert_array_equal(pred, expect)
+    assert r["predicted"] == expect[3]
+    # names given explicitly win over nothing; a wrong count is refused
+    x = torch.as_tensor(scaled.to_numpy())
+    ex2 = explore(str(tmp_path / "t.zarr"), model, (x[:5], torch.as_tensor(labels.to_numpy()[:5])),
+                  (x, torch.as_tensor(labels.to_numpy())), feature_names=[f"f{i}" for i in range(6)])
+    assert ex2.info["feature_names"] == [f"f{i}" for i in range(6)]
+    with pytest.raises(ValueError, match="test_data: 3 feature names for rows of 6 features"):
+        explore(str(tmp_path / "t.zarr"), model, (x[:5], labels[:5]), (x, labels), feature_names=["a", "b", "c"])
+    with pytest.raises(ValueError, match="feature_names are for feature rows"):
+        explore(str(tmp_path / "t.zarr"), model, (torch.rand(3, 1, 8, 8), torch.arange(3)), (x, labels),
+                feature_names=["a"])
+
+
+def test_each_view_says_its_mode_and_mode_preference_is_the_one_place(tmp_path, run, monkeypatch):
+    import hydra_nb.widgets.explorer as explorer_module
+
+    store, model, train, test = run
+    f = Front(explore(store, model, test, train, k=3))
+    assert f.widget.info["modes"]["fast"]["note"] == "fast estimate: may disagree with exact at large learning rates"
+    assert "benchmarks/RESULTS.md" in f.widget.info["modes"]["fast"]["source"]
+    assert f.ask("rankings", test=1, k=2)["mode"] == "fast"
+    assert f.ask("trajectory", test=1, train=[2])["mode"] == "fast"
+    assert f.ask("self_influence", limit=2)["mode"] == "fast"
+    assert f.ask("class_matrix")["mode"] == "fast"
+    # an exact store: every view answers exactly (self-influence too: the exact source has self_dot) ...
+    model_e, scaled, labels, _ = _tabular_run(tmp_path / "e.zarr", mode="exact")
+    e = Front(explore(str(tmp_path / "e.zarr"), model_e, (scaled[:6], labels[:6]), (scaled, labels)))
+    assert e.ask("rankings", test=0, k=2)["mode"] == "exact" and e.widget.mode_for("self_dot") == "exact"
+    row = e.widget.contribution_row(0)
+    np.testing.assert_allclose(row, e.widget.store.contributions(model_e, scaled[:1], labels[:1], mode="exact",
+                                                                 progress=False)[0], rtol=1e-5, atol=1e-9)
+    # ... unless MODE_PREFERENCE, the one place that orders the modes, says otherwise
+    monkeypatch.setattr(explorer_module, "MODE_PREFERENCE", ("fast",))
+    assert e.widget.mode_for() == "fast"
+    # mode= picks one for every view; an unknown one is refused at once
+    assert Front(explore(str(tmp_path / "e.zarr"), model_e, (scaled[:6], labels[:6]), (scaled, labels),
+                         mode="exact")).ask("rankings", test=0, k=2)["mode"] == "exact"
+    with pytest.raises(ValueError, match="mode must be one of 'fast', 'exact' or None"):
+        explore(store, model, test, train, mode="slow")
+
+
+def test_hydra_nb_never_imports_pandas():
+    """pandas is optional: accepted when the user has it, never imported by hydra_nb."""
+    code = ("import sys, hydra_nb, hydra_nb.widgets, hydra_nb.plot, hydra_nb.magic; "
+            "assert 'pandas' not in sys.modules, 'hydra_nb imported pandas'")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert out.returncode == 0, out.stderr[-2000:]
 
 
 # -- live mode ---------------------------------------------------------------------------------------

@@ -1,6 +1,8 @@
 // The gallery of test samples ↔ Explorer._handle_gallery: one page at a time ("More" for the next),
-// filtered to all / misclassified / one class, each labelled true→predicted. A click selects a sample.
-import { sampleVisual } from "../images.js";
+// filtered to all / misclassified / one class, each labelled true→predicted (on one line, cut with an ellipsis;
+// the whole of it in the tile's tooltip). Images show their picture; texts and feature rows their index (and a
+// text its first words). A click selects a sample.
+import { featureTable, sampleVisual } from "../images.js";
 import { fail } from "../status.js";
 
 const PAGE = 48;
@@ -38,10 +40,18 @@ export function create(ctx) {
           const label = page.labels.data[i];
           const pred = page.predicted.data[i];
           const wrong = pred >= 0 && pred !== label;
-          const item = E("button", { className: `hydra-gallery-item${wrong ? " is-wrong" : ""}`,
-            "data-testid": "hydra-gallery-item", "data-index": idx, title: `test sample #${idx}` });
-          item.append(sampleVisual(ctx.doc, page, i, 44),
-            E("div", { className: "hydra-gallery-label", text: pred >= 0 ? `${ctx.name(label)}\u2192${ctx.name(pred)}` : ctx.name(label) }));
+          const text = pred >= 0 ? `${ctx.name(label)}\u2192${ctx.name(pred)}` : ctx.name(label);
+          const item = E("button", { className: `hydra-gallery-item${wrong ? " is-wrong" : ""}${page.thumbs ? "" : " is-textual"}`,
+            "data-testid": "hydra-gallery-item", "data-index": idx,
+            title: `test sample #${idx}: true ${ctx.name(label)}` + (pred >= 0 ? `, predicted ${ctx.name(pred)}` : "") });
+          if (page.thumbs) item.append(sampleVisual(ctx.doc, page, i, 44));
+          else {
+            // no picture: the index, and a text's first words; a feature row's values are in the tooltip
+            item.append(E("div", { className: "hydra-gallery-index", text: `#${idx}` }));
+            if (page.texts) item.append(E("div", { className: "hydra-gallery-snippet", text: page.texts[i] }));
+            if (page.features) item.title += `\n${featureTable(ctx.doc, page, i, ctx.info().feature_names).title}`;
+          }
+          item.append(E("div", { className: "hydra-gallery-label", text }));
           item.addEventListener("click", () => select(idx));
           grid.append(item);
         }
@@ -73,9 +83,9 @@ export function create(ctx) {
     el,
     /** The first page again. */
     refresh: () => load(true),
-    /** The picture (canvas or text block) of test sample `test` if its item is on screen, else null. */
+    /** The picture (canvas) of test sample `test` if its item is on screen, else null. */
     visualOf(test) {
-      return grid.querySelector(`[data-index="${test}"] canvas, [data-index="${test}"] .hydra-text`);
+      return grid.querySelector(`[data-index="${test}"] canvas`);
     },
     dispose() { ctx.dispose(); el.remove(); },
   };

@@ -1,6 +1,6 @@
 import { describe, expect, it } from "vitest";
 import { create } from "../../src/views/gallery.js";
-import { INFO, fakeContext, flush, hold, python } from "../fake.js";
+import { FEATURES, INFO, fakeContext, flush, hold, packed, python, rows } from "../fake.js";
 
 function setup(state, opts) {
   const f = fakeContext(state, opts);
@@ -58,6 +58,30 @@ describe("gallery view", () => {
     model.set("info", { ...INFO, test_classes: [1, 4], class_names: ["a", "b", "c", "d", "e"] });
     expect([...filter.options].map((o) => o.textContent)).toEqual(["all", "misclassified", "class b", "class e"]);
     expect(filter.value).toBe("class:1");  // the chosen filter stays
+  });
+
+  it("tiles without pictures show the index and true\u2192predicted on one line, the whole of it on hover", async () => {
+    const py = python();
+    py.handlers.gallery = (p) => ({ total: 2, offset: 0, indices: packed("int32", [2], [12, 13]),
+      labels: packed("int32", [2], [0, 1]), predicted: packed("int32", [2], [1, 1]), ...rows([12, 13]) });
+    const info = { ...INFO, test_kind: "tabular", feature_names: FEATURES, class_names: ["malignant", "benign"] };
+    const { view } = setup({ info }, { py });
+    view.refresh();
+    await flush();
+    const tile = items(view)[0];
+    expect(tile.classList.contains("is-textual")).toBe(true);
+    expect(tile.querySelector(".hydra-gallery-index").textContent).toBe("#12");
+    expect(tile.querySelector(".hydra-gallery-label").textContent).toBe("malignant\u2192benign");  // CSS cuts, never wraps
+    expect(tile.querySelector("[data-testid=hydra-features]")).toBe(null);  // no table squeezed into a tile
+    expect(tile.title).toBe("test sample #12: true malignant, predicted benign\nmean radius = 12\nmean texture = 18\n" +
+      "mean smoothness = 0.118\nworst area = 1001\na very long feature name = -3");
+    expect(view.visualOf(12)).toBe(null);  // no picture to borrow: the rankings answer carries the row
+    py.handlers.gallery = (p) => ({ total: 1, offset: 0, indices: packed("int32", [1], [3]),
+      labels: packed("int32", [1], [0]), predicted: packed("int32", [1], [-1]), texts: ["a long review ".repeat(9)] });
+    view.refresh();
+    await flush();
+    expect(items(view)[0].querySelector(".hydra-gallery-snippet").textContent).toContain("a long review");
+    expect(items(view)[0].querySelector(".hydra-gallery-label").textContent).toBe("malignant");  // no prediction
   });
 
   it("shows Python's error", async () => {
