@@ -223,6 +223,27 @@ def _loss_problem(targets: torch.Tensor, loss_fn, exc: Exception, what: str) -> 
             "what the training loop's loss took, and loss_fn the per-sample loss the run was tracked with.")
 
 
+def as_model_input(model, x):
+    """Float inputs in the model's dtype (a float64 DataFrame for a float32 model), as queries cast them."""
+    param = next(model.parameters(), None)
+    if param is None or not torch.is_tensor(x) or not x.is_floating_point() or not param.is_floating_point():
+        return x
+    return x.to(dtype=param.dtype)
+
+
+def predicted_classes(model, x, batch: int = 512) -> np.ndarray:
+    """The class ``model`` predicts for each input (argmax of its outputs; -1 where they are no class scores),
+    in eval mode and without gradients (the caller gives the model its checkpoint's parameters and mode)."""
+    n = len(ModelInputs(x)) if not torch.is_tensor(x) else len(x)
+    out = np.full(n, -1, dtype=np.int64)
+    with torch.no_grad():
+        for a in range(0, n, batch):
+            logits = model(as_model_input(model, x[a:a + batch]))
+            if logits.ndim == 2 and logits.shape[1] > 1:
+                out[a:a + batch] = logits.argmax(1).cpu().numpy()
+    return out
+
+
 def is_pair(dataset) -> bool:
     """An (inputs, targets) pair: inputs a tensor, a tuple of tensors or a dict of tensors."""
     if not (isinstance(dataset, (tuple, list)) and len(dataset) == 2 and hasattr(dataset[1], "shape")):

@@ -57,7 +57,7 @@ from .options import OptionError, TrackOptions
 from .projection import FULL_FRACTION
 from .query import open_store
 from .sources import PROGRESS_DELAY_S
-from .store import describe_run, read_meta, same_cell
+from .store import describe_run, read_meta
 from .tracker import Tracker, track
 from .units import format_bytes
 

@@ -455,6 +455,9 @@ def test_plots_have_titles_axes_and_units(run):
     fig = plot.top_k(store, model, test, train, [0, 1], k=3)
     assert isinstance(fig, matplotlib.figure.Figure) and "helpful" in fig._suptitle.get_text()
     assert len(fig.axes) == 2 * 7
+    _assert_laid_out(fig)
+    assert fig.axes[0].get_ylabel() == "test #0" and " → " in fig.axes[0].get_title()  # rows named, predictions
+    assert _assert_laid_out(plot.self_influence(store, model, train, n=12))
     fig = plot.trajectory(store, model, test, 0, [1, 2], train_data=train)
     ax = fig.axes[0]
     assert ax.get_xlabel().startswith("optimizer step") and "∂L/∂w" in ax.get_ylabel() and ax.get_title()
@@ -470,6 +473,95 @@ def test_plots_have_titles_axes_and_units(run):
     x = torch.randn(30, 4)
     texts = Samples((x, (x[:, 0] > 0).long()))
     assert texts.kind == "tabular"
+
+
+def _text_boxes(fig):
+    """(text, window extent) of every text a drawn figure shows: visible and non-empty, and for tick labels only
+    those of ticks inside their axis's view (matplotlib keeps labels of ticks beyond it, undrawn)."""
+    import matplotlib.text
+
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    tick_labels, drawn = set(), []
+    for ax in fig.axes:
+        for axis in (ax.xaxis, ax.yaxis):
+            lo, hi = sorted(axis.get_view_interval())
+            pad = 1e-9 * max(1.0, abs(lo), abs(hi))
+            for loc, tick in zip(axis.get_majorticklocs(), axis.get_major_ticks()):
+                for label in (tick.label1, tick.label2):
+                    tick_labels.add(id(label))
+                    if lo - pad <= loc <= hi + pad:
+                        drawn.append(label)
+    texts = [t for t in fig.findobj(matplotlib.text.Text) if id(t) not in tick_labels] + drawn
+    return [(t.get_text(), t.get_window_extent(renderer)) for t in texts if t.get_visible() and t.get_text().strip()]
+
+
+def _assert_laid_out(fig, overlaps_allowed=lambda a, b: False):
+    """Constrained layout; every text inside the figure (nothing clipped without bbox_inches='tight'); no two
+    texts overlap."""
+    from matplotlib.layout_engine import ConstrainedLayoutEngine
+
+    assert isinstance(fig.get_layout_engine(), ConstrainedLayoutEngine)
+    boxes = _text_boxes(fig)
+    frame = fig.bbox
+    for text, box in boxes:
+        assert box.x0 >= frame.x0 - 1 and box.x1 <= frame.x1 + 1 and box.y0 >= frame.y0 - 1 and \
+            box.y1 <= frame.y1 + 1, f"{text!r} is cut off by the figure's edge"
+    for i, (ta, a) in enumerate(boxes):
+        for tb, b in boxes[i + 1:]:
+            shrunk = a.padded(-0.5)
+            if shrunk.overlaps(b.padded(-0.5)) and not overlaps_allowed(ta, tb):
+                raise AssertionError(f"{ta!r} overlaps {tb!r}")
+    return boxes
+
+
+@pytest.mark.parametrize("n", [2, 10, 100])
+def test_class_matrix_lays_out_2_to_100_classes(n):
+    from hydra_nb import plot
+    from hydra_nb.query import ClassMatrix
+
+    rng = np.random.default_rng(0)
+    names = ["malignant", "benign"] if n == 2 else [f"class name {i}" for i in range(n)]
+    cm = ClassMatrix(np.arange(n), np.arange(n), rng.normal(size=(n, n)), np.ones((n, n)), np.ones(n), np.ones(n))
+    fig = plot.class_matrix(cm, class_names=names)
+    cells = {f"{v:.2g}" for v in cm.mean.ravel()}
+    boxes = _assert_laid_out(fig, lambda a, b: a in cells or b in cells)  # a cell's number lies on the image
+    shown = [t for t, _ in boxes]
+    assert "malignant" in shown and "benign" in shown if n == 2 else "class name 0" in shown
+    ticks = [t for t in fig.axes[0].get_xticklabels() if t.get_visible()]
+    assert len(ticks) == n if n <= 10 else n // 4 <= len(ticks) < n  # thinned to what fits, never overlapping
+    fig.clf()
+
+
+def test_plots_of_feature_rows_name_rows_and_show_predictions(tmp_path):
+    from hydra_nb import plot
+
+    model, scaled, labels, _ = _tabular_run(tmp_path / "t.zarr")
+    store = hydra_nb.open_store(tmp_path / "t.zarr")
+    names = ["malignant", "benign"]
+    test, train = (scaled[:10], labels[:10]), (scaled, labels)
+    fig = plot.top_k(store, model, test, train, [0, 3], k=3, class_names=names)
+    _assert_laid_out(fig)
+    ax = fig.axes[0]
+    pred = ex_pred = Front(explore(str(tmp_path / "t.zarr"), model, test, train)).widget.predictions()
+    assert ax.get_title(loc="left").startswith(f"test #0 (y={names[int(labels[0])]} → {names[pred[0]]})\n")
+    rows = [t.get_text() for t in ax.get_yticklabels()]
+    assert len(rows) == 6 and all(r.startswith("#") for r in rows)
+    for r in rows:  # named features, most unusual first, whole "name value" items only
+        items = r.split(": ", 1)[1].split(", ")
+        for item in items:
+            if item != "…":
+                name, value = item.rsplit(" ", 1)
+                assert name in scaled.columns and float(value) == float(value)
+    fig = plot.self_influence(store, model, train, n=8, class_names=names)
+    _assert_laid_out(fig)
+    bars = fig.axes[1]
+    assert [b.get_facecolor() for b in bars.patches][0][:3] == pytest.approx(
+        tuple(int(plot.SUSPECT[i:i + 2], 16) / 255 for i in (1, 3, 5)))  # suspects amber, as in the explorer
+    assert all(" → " in t.get_text() for t in bars.get_yticklabels())  # label → predicted
+    fig = plot.trajectory(store, model, test, 0, [1, 2], train_data=train, class_names=names)
+    _assert_laid_out(fig)
+    del ex_pred
 
 
 # -- the bundle and the wheel ---------------------------------------------------------------------------

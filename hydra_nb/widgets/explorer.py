@@ -30,10 +30,9 @@ from pathlib import Path
 
 import anywidget
 import numpy as np
-import torch
 import traitlets
 
-from ..data import Samples, as_samples, feature_stats_for
+from ..data import Samples, as_samples, feature_stats_for, predicted_classes
 from ..errors import StoreError
 from ..query import Store, open_store, smallest_k
 from ..sources import SOURCES, HypergradientSource
@@ -211,13 +210,9 @@ class Explorer(anywidget.AnyWidget):
         if self._pred is None:
             m = self._model_at_checkpoint()
             out = np.full(len(self.test), -1, dtype=np.int64)
-            with torch.no_grad():
-                for a in range(0, len(self.test), 512):
-                    ids = np.arange(a, min(a + 512, len(self.test)))
-                    x, _ = self.test.batch(ids)
-                    logits = m(as_model_input(m, x))
-                    if logits.ndim == 2 and logits.shape[1] > 1:
-                        out[ids] = logits.argmax(1).cpu().numpy()
+            for a in range(0, len(self.test), 512):  # a batch of samples at a time (a Dataset is read item by item)
+                ids = np.arange(a, min(a + 512, len(self.test)))
+                out[ids] = predicted_classes(m, self.test.batch(ids)[0])
             self._pred = out
         return self._pred
 
@@ -416,14 +411,6 @@ def packed_view(samples: Samples, ids, stats=None) -> dict:
         return {"features": pack(view["features"], "float64"), "salient": pack(view["salient"], "int32"),
                 "z": pack(view["z"], "float32")}
     return view
-
-
-def as_model_input(model, x):
-    """Float inputs in the model's dtype (a float64 DataFrame for a float32 model), as queries cast them."""
-    param = next(model.parameters(), None)
-    if param is None or not torch.is_tensor(x) or not x.is_floating_point() or not param.is_floating_point():
-        return x
-    return x.to(dtype=param.dtype)
 
 
 def explore(store, model, test_data, train_data, **kwargs) -> Explorer:

@@ -23,13 +23,13 @@ import time
 import warnings
 
 import numpy as np
-import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from ..errors import StoreError
 from ..query import open_store
 from ..store import read_meta
-from .explorer import as_model_input, packed_view
+from ..data import predicted_classes
+from .explorer import packed_view
 
 
 class LiveFeed:
@@ -150,8 +150,4 @@ class LiveFeed:
 
 
 def _predict(ex, x) -> np.ndarray:
-    m = ex._model_at_checkpoint()
-    with torch.no_grad():
-        out = m(as_model_input(m, x))
-    return out.argmax(1).cpu().numpy() if out.ndim == 2 and out.shape[1] > 1 else np.full(len(x), -1)
-
+    return predicted_classes(ex._model_at_checkpoint(), x)
