@@ -459,10 +459,9 @@ class _Progress:
         except ImportError:  # pragma: no cover - tqdm is a dependency; keep a display anyway
             self.bar = _TextBar(str(tracker.path))
         else:
-            # the bar waits about a second (a quick cell shows none) and keeps its text on one line
-            self.bar = tqdm(desc=f"hydra_track {tracker.path.name}", unit="step", leave=True,
-                            delay=PROGRESS_DELAY_S)
-            _one_line(self.bar)
+            # the bar waits about a second (a quick cell shows none); in a notebook its text wraps (_notebook_bar)
+            self.bar = _notebook_bar(tqdm)(desc=f"hydra_track {tracker.path.name}", unit="step", leave=True,
+                                           delay=PROGRESS_DELAY_S)
         self.last = time.perf_counter()
 
     def on_step(self, tracker: Tracker) -> None:
@@ -495,16 +494,39 @@ class _Progress:
             self.bar = None
 
 
-def _one_line(bar) -> None:
-    """tqdm's notebook bar is an HBox of (description, bar, text) whose text box has a fixed width: a long postfix
-    wraps inside it and its second line is cut off. Let the text take the width it needs, on one line."""
-    container = getattr(bar, "container", None)
-    if container is None:  # the terminal bar: nothing to lay out
-        return
-    text = container.children[-1]
-    text.layout.width = "auto"
-    text.layout.flex = "1 0 auto"
-    text.layout.overflow = "visible"
+def _notebook_bar(tqdm):
+    """``tqdm`` itself in a terminal; in a notebook, its widget bar with a text that wraps instead of being cut.
+
+    tqdm's notebook bar is an HBox (description, bar, text) of one widget line: its text is written with
+    non-breaking spaces, so a long postfix (samples/s, overhead, bytes written) ran past the output area's
+    edge and was lost in narrow JupyterLab cells. Here the text keeps ordinary spaces, may take a line of its
+    own below the bar, and wraps there.
+    """
+    try:
+        from tqdm.notebook import tqdm as notebook_tqdm
+    except ImportError:  # pragma: no cover - no ipywidgets: tqdm.auto gave the terminal bar
+        return tqdm
+    if not issubclass(tqdm, notebook_tqdm):
+        return tqdm
+
+    class WrappingBar(tqdm):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            container = getattr(self, "container", None)
+            if container is not None:
+                container.layout.flex_flow = "row wrap"
+                text = container.children[-1]
+                text.layout.width, text.layout.max_width, text.layout.height = "auto", "100%", "auto"
+
+        def display(self, *args, **kwargs):
+            shown = super().display(*args, **kwargs)
+            container = getattr(self, "container", None)
+            if container is not None:
+                text = container.children[-1]
+                text.value = text.value.replace("\u2007", " ")
+            return shown
+
+    return WrappingBar
 
 
 class _TextBar:

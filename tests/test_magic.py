@@ -239,6 +239,25 @@ def test_progress_bar_waits_about_a_second(ip, capsys, monkeypatch):
     assert "step" not in out.err and "Bound to hydra_store" in out.out
 
 
+def test_notebook_bar_text_wraps_instead_of_running_off():
+    """In a notebook tqdm writes its text with non-breaking spaces on one widget line: a long postfix ran past the
+    cell's edge (checked in a browser by tests/browser); hydra_nb's bar lets it wrap. A terminal bar is tqdm's own."""
+    import tqdm
+    import tqdm.notebook
+
+    from hydra_nb.magic import _notebook_bar
+
+    assert _notebook_bar(tqdm.tqdm) is tqdm.tqdm
+    bar = _notebook_bar(tqdm.notebook.tqdm)(desc="hydra_track a.zarr", unit="step", delay=0)
+    try:
+        bar.set_postfix_str("1,234 samples/s, overhead 18%, 5.9 MB written")
+        text = bar.container.children[-1]
+        assert "1,234 samples/s, overhead 18%, 5.9 MB written" in text.value and "\u2007" not in text.value
+        assert bar.container.layout.flex_flow == "row wrap" and text.layout.height == "auto"
+    finally:
+        bar.close()
+
+
 def test_missing_store_is_a_usage_error(ip):
     ip.user_ns.update(objects())
     assert "--store" in usage_error(ip, "%%hydra_track --dim 16\n" + LOOP)

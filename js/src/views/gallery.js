@@ -2,10 +2,23 @@
 // filtered to all / misclassified / one class, each labelled true→predicted (on one line, cut with an ellipsis;
 // the whole of it in the tile's tooltip). Images show their picture; texts and feature rows their index (and a
 // text its first words). A click selects a sample.
+import { abbreviate } from "../format.js";
 import { featureTable, sampleVisual } from "../images.js";
 import { fail } from "../status.js";
 
 const PAGE = 48;
+const IMAGE_CHARS = 9;   // characters a tile's label line holds: under a 44 px picture,
+const TEXT_CHARS = 15;   // in a tile without one
+
+/** "true→predicted" in at most `chars` characters: each class name cut to its half, so that both stay in sight
+ * (the tile's tooltip has them whole); "true" alone where there is no prediction. */
+function trueToPredicted(ctx, label, pred, chars) {
+  const [a, b] = [ctx.name(label), pred >= 0 ? ctx.name(pred) : null];
+  if (b === null) return abbreviate(a, chars);
+  if (a.length + 1 + b.length <= chars) return `${a}\u2192${b}`;
+  const half = Math.max(2, Math.floor((chars - 1) / 2));
+  return `${abbreviate(a, half)}\u2192${abbreviate(b, half)}`;
+}
 
 export function create(ctx) {
   const { E } = ctx;
@@ -40,7 +53,7 @@ export function create(ctx) {
           const label = page.labels.data[i];
           const pred = page.predicted.data[i];
           const wrong = pred >= 0 && pred !== label;
-          const text = pred >= 0 ? `${ctx.name(label)}\u2192${ctx.name(pred)}` : ctx.name(label);
+          const text = trueToPredicted(ctx, label, pred, page.thumbs ? IMAGE_CHARS : TEXT_CHARS);
           const item = E("button", { className: `hydra-gallery-item${wrong ? " is-wrong" : ""}${page.thumbs ? "" : " is-textual"}`,
             "data-testid": "hydra-gallery-item", "data-index": idx,
             title: `test sample #${idx}: true ${ctx.name(label)}` + (pred >= 0 ? `, predicted ${ctx.name(pred)}` : "") });

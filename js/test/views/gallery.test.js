@@ -71,7 +71,7 @@ describe("gallery view", () => {
     const tile = items(view)[0];
     expect(tile.classList.contains("is-textual")).toBe(true);
     expect(tile.querySelector(".hydra-gallery-index").textContent).toBe("#12");
-    expect(tile.querySelector(".hydra-gallery-label").textContent).toBe("malignant\u2192benign");  // CSS cuts, never wraps
+    expect(tile.querySelector(".hydra-gallery-label").textContent).toBe("malign\u2026\u2192benign");  // both names in sight
     expect(tile.querySelector("[data-testid=hydra-features]")).toBe(null);  // no table squeezed into a tile
     expect(tile.title).toBe("test sample #12: true malignant, predicted benign\nmean radius = 12\nmean texture = 18\n" +
       "mean smoothness = 0.118\nworst area = 1001\na very long feature name = -3");
