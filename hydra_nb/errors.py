@@ -28,3 +28,10 @@ class TrackingFailure(HydraError, RuntimeError):
 
 class StoreError(HydraError, OSError):
     """A store is missing, not a hydra_nb store, of a newer schema, or damaged."""
+
+
+class ReplayError(HydraError, RuntimeError):
+    """Replaying a tracked run did not reproduce it (or it cannot be replayed): no exact answer is returned.
+
+    The message names the checkpoint where the replay drifted, by how much, and the likely causes.
+    """
