@@ -140,7 +140,7 @@ def main() -> None:
         disk = common.dir_size(path)
         print(f"built in {build['build_s']:.1f} s: {grad.shape[0]:,} rows × {grad.shape[1]} float32, "
               f"{common.fmt_bytes(disk)} on disk, {build['steps']:,} steps, chunks of {grad.chunks[0]} rows", flush=True)
-        block_rows = store._block_rows(DEFAULT_MEMORY_BUDGET, 2 * max(args.tests) * 4 + 64)
+        block_rows = store.source("fast").block_rows(DEFAULT_MEMORY_BUDGET, 2 * max(args.tests) * 4 + 64)
         gen = torch.Generator().manual_seed(1)
         tests = {n: (torch.randn(n, 64, generator=gen), torch.randint(0, 10, (n,), generator=gen)) for n in args.tests}
         model = model.to(args.device)

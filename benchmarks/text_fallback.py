@@ -69,13 +69,13 @@ class Stopwatch:
 
 
 def routing(tracker) -> dict:
-    """{kind: {"modules": Counter of module types, "params": number of scalar parameters}} as the capture chose."""
+    """{rule name: {"modules": Counter of module types, "params": number of scalar parameters}} as the capture chose."""
     out: dict = {}
-    for module, owned, kind in tracker.capture.owners:
-        entry = out.setdefault(kind, {"modules": Counter(), "params": 0})
-        entry["modules"][type(module).__name__] += 1
-        named = dict(module.named_parameters())
-        entry["params"] += sum(named[n].numel() for n, _ in owned)
+    for owner in tracker.capture.owners:
+        entry = out.setdefault(owner.rule.name, {"modules": Counter(), "params": 0})
+        entry["modules"][type(owner.module).__name__] += 1
+        named = dict(owner.module.named_parameters())
+        entry["params"] += sum(named[n].numel() for n, _ in owner.owned)
     return {k: {"modules": dict(v["modules"]), "params": v["params"]} for k, v in out.items()}
 
 

@@ -45,6 +45,7 @@ from .errors import HydraError, TrackingConfigError
 from .query import open_store
 from .store import read_meta
 from .tracker import Tracker, track
+from .units import format_bytes
 
 DEFAULT_NAME = "hydra_store"
 _REFRESH_SECONDS = 0.2
@@ -338,7 +339,7 @@ class HydraMagics(Magics):
         print(repr(store))
         overhead = f" ({100 * stats['tracking_seconds'] / elapsed:.0f}% of {elapsed:.1f} s)" if elapsed > 0 else ""
         print(f"Bound to {args.as_name}. Tracking took {stats['tracking_seconds']:.2f} s{overhead}, "
-              f"{_size(stats['bytes_written'])} written.")
+              f"{format_bytes(stats['bytes_written'], binary=False)} written.")
 
     # -- %hydra_status ------------------------------------------------------------------------
     @line_magic
@@ -358,13 +359,6 @@ class HydraMagics(Magics):
             print(f"hydra_nb: {err}")
 
 
-def _size(n: int) -> str:
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.1f} {unit}"
-    return f"{n} B"
-
-
 def _describe(tracker: Tracker, samples: int | None = None, steps: bool = True) -> str:
     """Steps, samples/s, tracking overhead so far and bytes written."""
     stats = tracker.stats
@@ -374,7 +368,7 @@ def _describe(tracker: Tracker, samples: int | None = None, steps: bool = True) 
         if samples is not None:
             parts.append(f"{samples / elapsed:,.0f} samples/s")
         parts.append(f"overhead {100 * stats['tracking_seconds'] / elapsed:.0f}%")
-    parts.append(f"{_size(stats['bytes_written'])} written")
+    parts.append(f"{format_bytes(stats['bytes_written'], binary=False)} written")
     if stats.get("writer_wait_seconds", 0.0) > 0.05:
         parts.append(f"waited {stats['writer_wait_seconds']:.1f} s for the store writer (disk-bound)")
     return ", ".join(parts)

@@ -570,7 +570,7 @@ def new_run_meta(mode: str, n_train: int, layout: ParamLayout, projector_json: d
 class StoreReader:
     """A run store opened read-only: its metadata and raw arrays, up to what was committed.
 
-    Queries live in :class:`hydra_nb.query.Store`, which extends this.
+    Queries live in :class:`hydra_nb.query.Store`, which holds one of these and its hypergradient sources.
     """
 
     def __init__(self, path):
@@ -717,11 +717,6 @@ class StoreReader:
             self._projector = Projector.from_json(self.layout, self.meta["projection"], arrays, dtype)
         return self._projector
 
-    def __repr__(self) -> str:
-        return (f"<hydra_nb.Store {str(self.path)!r}: {self.mode} mode, {len(self.tracked_indices)} tracked of "
-                f"{self.n_train} samples, {self.steps} steps, {len(self.checkpoint_steps)} checkpoints, "
-                f"{self.status}>")
-
     # -- raw data ---------------------------------------------------------------------------
     def trace(self, steps: int | None = None) -> dict[str, np.ndarray]:
         """The optimizer trace: arrays (steps, parameters) of ``self.trace_fields``.
@@ -732,19 +727,23 @@ class StoreReader:
         n = self.steps if steps is None else steps
         return {f: self._read(f"trace/{f}", slice(0, n)) for f in self.trace_fields}
 
+    def trace_arrays(self) -> dict[str, "_CheckedArray"]:
+        """The trace arrays themselves, by field, for reading a window of steps at a time."""
+        return {f: self.array(f"trace/{f}") for f in self.trace_fields}
+
     def params_at(self, checkpoint: int = -1) -> np.ndarray:
         """Flat trainable parameters θ at a checkpoint (index into ``checkpoint_steps``)."""
-        c = self._checkpoint_index(checkpoint)
+        c = self.checkpoint_index(checkpoint)
         return self._read("checkpoints/params", c)
 
     def load_params(self, model, checkpoint: int = -1) -> None:
         """Copy the parameters (and floating-point buffers) of a checkpoint into ``model``, in place."""
         if (why := self.layout.matches(model)) is not None:
             raise ValueError(f"The model does not match the store's parameters: {why}.")
-        c = self._checkpoint_index(checkpoint)
+        c = self.checkpoint_index(checkpoint)
         named = dict(model.named_parameters())
         flat = torch.from_numpy(self.params_at(c))
-        buffers = self._buffers_at(c)
+        buffers = self.buffers_at(c)
         with torch.no_grad():
             for name, value in self.layout.unflatten(flat).items():
                 named[name].copy_(value)
@@ -755,10 +754,12 @@ class StoreReader:
                     named_buffers[b["name"]].copy_(torch.from_numpy(buffers[b["offset"]:b["offset"] + n])
                                                    .reshape(b["shape"]))
 
-    def _buffers_at(self, c: int) -> np.ndarray | None:
+    def buffers_at(self, c: int) -> np.ndarray | None:
+        """Flat floating-point buffers at checkpoint index ``c`` (BatchNorm statistics…), or None if the model has none."""
         return self._read("checkpoints/buffers", c) if "buffers" in self.group["checkpoints"] else None
 
-    def _checkpoint_index(self, checkpoint: int) -> int:
+    def checkpoint_index(self, checkpoint: int) -> int:
+        """The index into ``checkpoint_steps`` of ``checkpoint`` (negative counts from the last); IndexError if none."""
         c = int(checkpoint)
         if c < 0:
             c += self._n_checkpoints

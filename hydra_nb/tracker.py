@@ -19,12 +19,12 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
-from .batchnorm import batchnorm_route, replaying
+from .capture.batchnorm import batchnorm_route, replaying
 from .batches import LoaderTap
 from .capture import GradientCapture
+from .data import default_loss
 from .errors import TrackingConfigError, TrackingFailure
 from .hypergrad import (HVP_METHODS, ExactHypergradients, adam_preconditioner, make_batch_loss, optimizer_kind,
                         read_step, validate_optimizer)
@@ -39,11 +39,6 @@ _ADAM_BATCH_LIMIT = 8 << 30  # full per-sample gradients of one step, held until
 
 class TrackingStoppedWarning(UserWarning):
     """Tracking stopped in the middle of training; training went on."""
-
-
-def default_loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Per-sample cross-entropy: the default ``loss_fn``."""
-    return F.cross_entropy(outputs, targets, reduction="none")
 
 
 def _rtol(dtype: torch.dtype) -> float:

@@ -26,7 +26,7 @@ from torch.func import functional_call
 
 import hydra_nb
 from hydra_nb import TrackingConfigError
-from hydra_nb.batchnorm import batchnorm_route
+from hydra_nb.capture.batchnorm import batchnorm_route
 from reference import (DT, AdamRun, Run, adam_hessian_free_contributions, assert_replay_matches, ce_loss,
                        hessian_free_contributions, layout_check, make_loader, rel_err, train, unrolled_contributions)
 
@@ -216,7 +216,7 @@ def test_training_and_running_statistics_bit_identical(tmp_path, model_name, cho
         assert torch.equal(a, b), f"{n} differs with tracking"
     assert int(model[1].num_batches_tracked) == run.T
     # the last checkpoint stores the running statistics as training left them (queries use them)
-    flat = store._buffers_at(-1)
+    flat = store.reader.buffers_at(-1)
     for b in store.meta["buffers"]:
         n = int(np.prod(b["shape"]))
         np.testing.assert_array_equal(flat[b["offset"]:b["offset"] + n],
@@ -405,12 +405,12 @@ def test_one_batchnorm_in_eval_mode_among_training_ones(tmp_path, choice):
 @pytest.mark.parametrize("choice", ["fixed", "exact"])
 def test_chunked_replays_give_the_same_rows(tmp_path, monkeypatch, choice):
     """Memory-bounded chunks of the vmapped replays (one sample per chunk here) change nothing."""
-    import hydra_nb.batchnorm
+    import hydra_nb.capture.batchnorm
 
     model = cnn()
     X, Y, _, _ = data_for(model)
     _, whole = tracked(tmp_path, model, X, Y, batchnorm=choice, name="whole.zarr")
-    monkeypatch.setattr(hydra_nb.batchnorm, "_CHUNK_BYTES", 1)
+    monkeypatch.setattr(hydra_nb.capture.batchnorm, "_CHUNK_BYTES", 1)
     _, chunked = tracked(tmp_path, cnn(), X, Y, batchnorm=choice, name="chunked.zarr")
     np.testing.assert_allclose(chunked.hypergradients(mode="fast"), whole.hypergradients(mode="fast"),
                                rtol=1e-12, atol=1e-15)

@@ -4,6 +4,9 @@ Each tiny float64 model trains for 2 epochs (16 samples, batches of 5 with a las
 a single sample, SGD with momentum and weight decay). Fast mode at full dimension must match
 the Hessian-free reference (b) to 1e-8; with a projection, the projected reference to
 1e-10; exact mode must match autograd through the unrolled loop (reference (a)) to 1e-6.
+
+``MODELS`` exercises every entry of ``hydra_nb.capture.LAYER_RULES`` and the fallback (checked
+below), so a layer rule added to the table without a model here fails.
 """
 
 import numpy as np
@@ -13,6 +16,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from hydra_nb.batches import LoaderTap
+from hydra_nb.capture import LAYER_RULES, GradientCapture, rule_for
+from hydra_nb.capture.fallback import per_sample_vjp
+from hydra_nb.capture.rules import FALLBACK, owners
+from hydra_nb.errors import TrackingConfigError
+from hydra_nb.params import ParamLayout
+from hydra_nb.projection import Projector
 from reference import (DT, assert_replay_matches, hessian_free_contributions, layout_check, rel_err,
                        tracked_training, unrolled_contributions)
 
@@ -111,6 +121,23 @@ def conv2d_model(**conv_kw):
     return build
 
 
+class SubclassedConv(nn.Conv2d):
+    """A subclass that keeps Conv2d's forward: the conv rule follows it."""
+
+
+class DoubledLinear(nn.Linear):
+    """A subclass with its own forward: the linear rule would be wrong, the fallback captures it."""
+
+    def forward(self, x):
+        return 2 * super().forward(x) + 0.1 * x.sum(-1, keepdim=True)
+
+
+def conv3d_model():
+    conv = nn.Conv3d(2, 3, 2, stride=(1, 2, 1))
+    n_out = conv(torch.zeros(1, 2, 3, 4, 3)).numel()
+    return nn.Sequential(conv, nn.Tanh(), nn.Flatten(), nn.Linear(n_out, 3))
+
+
 def conv1d_model(**conv_kw):
     def build():
         conv = nn.Conv1d(2, 3, **conv_kw)
@@ -142,6 +169,11 @@ MODELS = {
                                     float_inputs(2, 6, 6)),
     "conv2d_rect_stride_nobias": (conv2d_model(kernel_size=(2, 3), stride=(2, 1), padding=(1, 0), bias=False),
                                   float_inputs(2, 6, 6)),
+    "conv3d_stride": (conv3d_model, float_inputs(2, 3, 4, 3)),
+    "conv2d_subclass": (lambda: nn.Sequential(SubclassedConv(2, 3, 3, padding=1), nn.Tanh(), nn.Flatten(),
+                                              nn.Linear(108, 3)), float_inputs(2, 6, 6)),
+    "linear_subclass_own_forward": (lambda: nn.Sequential(DoubledLinear(4, 5), nn.Tanh(), nn.Linear(5, 3)),
+                                    float_inputs(4)),
     "conv2d_groups": (lambda: nn.Sequential(nn.Conv2d(2, 4, 3, padding=1, stride=2, groups=2), nn.Tanh(),
                                             nn.Flatten(), nn.Linear(36, 3)), float_inputs(2, 6, 6)),
     "embedding_padding_idx": (EmbedPool, token_inputs),
@@ -252,3 +284,193 @@ def test_inplace_relu_is_active(tmp_path):
         pre = model[0](X)
     assert (pre < 0).any() and (pre > 0).any()
     assert F.relu(pre).ne(pre).any()
+
+
+# ------------------------------------------------------------------------------------------
+# the table of layer rules
+# ------------------------------------------------------------------------------------------
+def _capture_owners(model):
+    tracked = {id(p): i for i, p in enumerate(p for p in model.parameters() if p.requires_grad)}
+    return owners(model, tracked)
+
+
+def test_every_layer_rule_is_exercised_by_the_models_here():
+    """Each type in LAYER_RULES, with its rule, and the fallback, occur among MODELS (which are all checked above)."""
+    seen = set()  # (registered type, rule name) as the capture chose them
+    for name, (build, _) in MODELS.items():
+        torch.manual_seed(0)
+        for owner in _capture_owners(build()):
+            registered = next((c for c in type(owner.module).__mro__ if c in LAYER_RULES), None)
+            seen.add((registered, owner.rule.name))
+    missing = [(t.__name__, r.name) for t, r in LAYER_RULES.items() if (t, r.name) not in seen]
+    assert not missing, f"layer rules no model in MODELS exercises: {missing}"
+    assert (None, FALLBACK.name) in seen  # a module with parameters and no rule
+
+
+def test_rule_for_walks_the_mro():
+    class PlainSubclass(nn.Linear):
+        pass
+
+    assert rule_for(nn.Linear(2, 3)) is LAYER_RULES[nn.Linear]
+    assert rule_for(PlainSubclass(2, 3)) is LAYER_RULES[nn.Linear]
+    # the linear layer inside MultiheadAttention is a subclass too
+    assert rule_for(nn.MultiheadAttention(4, 2).out_proj) is LAYER_RULES[nn.Linear]
+    assert rule_for(SubclassedConv(2, 3, 3)) is LAYER_RULES[nn.Conv2d]
+    assert rule_for(nn.Conv3d(2, 3, 2)) is LAYER_RULES[nn.Conv3d]
+    # a subclass with its own forward, a grouped convolution, a module without a rule: the fallback
+    assert rule_for(DoubledLinear(2, 3)) is FALLBACK
+    assert rule_for(nn.Conv2d(2, 4, 3, groups=2)) is FALLBACK
+    assert rule_for(Affine(3)) is FALLBACK
+    assert rule_for(nn.BatchNorm1d(3)) is FALLBACK  # eval-mode BatchNorm: a per-sample affine map
+
+
+def test_a_module_with_parameters_and_no_rule_goes_to_the_fallback():
+    model = nn.Sequential(nn.Linear(4, 5), Affine(5), nn.Linear(5, 3))
+    got = [(type(o.module).__name__, [n for n, _ in o.owned], o.rule) for o in _capture_owners(model)]
+    assert got == [("Linear", ["weight", "bias"], LAYER_RULES[nn.Linear]), ("Affine", ["scale", "shift"], FALLBACK),
+                   ("Linear", ["weight", "bias"], LAYER_RULES[nn.Linear])]
+
+
+def test_multihead_attention_is_captured_as_one_unit():
+    """Its forward uses out_proj's weights functionally: one owner holds all four, out_proj has none of its own."""
+    (owner,) = _capture_owners(nn.MultiheadAttention(4, 2, batch_first=True))
+    assert owner.rule is LAYER_RULES[nn.MultiheadAttention] and owner.rule.deferred and owner.rule.whole
+    assert [n for n, _ in owner.owned] == ["in_proj_weight", "in_proj_bias", "out_proj.weight", "out_proj.bias"]
+
+
+@pytest.mark.parametrize("option", [dict(max_norm=1.0), dict(scale_grad_by_freq=True), dict(sparse=True)])
+def test_embedding_rule_refuses_batch_coupling_options(option):
+    with pytest.raises(TrackingConfigError, match="Build it without these options"):
+        _capture_owners(nn.Sequential(nn.Embedding(VOCAB, 4, **option), nn.Linear(4, 3)))
+    frozen = nn.Embedding(VOCAB, 4, **option)  # untracked (frozen): nothing to refuse
+    frozen.weight.requires_grad_(False)
+    assert _capture_owners(nn.Sequential(frozen, nn.Linear(4, 3)))[0].rule is LAYER_RULES[nn.Linear]
+
+
+# ------------------------------------------------------------------------------------------
+# routes: GradientCapture(route=...) reaches the rules
+# ------------------------------------------------------------------------------------------
+class ConvSeq(nn.Module):
+    """A conv layer and a linear layer on positions: both have a full and a factored route."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 3, 3, padding=1)
+        self.proj = nn.Linear(6, 4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        z = torch.tanh(self.conv(x)).reshape(x.shape[0], 3 * 6, 6)  # (B, positions, 6)
+        return self.head(torch.tanh(self.proj(z)).mean(1))
+
+
+def _captured_rows(model, loader, route, projector, params):
+    tap = LoaderTap(loader)
+    capture = GradientCapture(model, params, projector, tap, route=route)
+    tap.attach()
+    capture.attach()
+    try:
+        x, y = next(iter(loader))
+        F.cross_entropy(model(x), y, reduction="sum").backward()
+        (p,) = capture.take()
+        assert capture.failure is None
+        return p.indices, p.buf
+    finally:
+        capture.detach()
+        tap.detach()
+
+
+@pytest.mark.parametrize("route", ["auto", "full", "factored"])
+def test_every_route_gives_the_sketched_per_sample_gradients(route, monkeypatch):
+    from hydra_nb.capture import conv
+    from hydra_nb.projection import Block
+
+    taken = {"unfold": 0, "outer": 0}  # which route the conv and linear rules took
+    for owner, name, key in ((conv, "unfold", "unfold"), (Block, "project_outer", "outer")):
+        def spy(*args, _real=getattr(owner, name), _key=key, **kwargs):
+            taken[_key] += 1
+            return _real(*args, **kwargs)
+        monkeypatch.setattr(owner, name, spy)
+    torch.manual_seed(0)
+    model = ConvSeq().to(DT)
+    X, Y = torch.randn(6, 2, 6, 6, dtype=DT), torch.randint(0, 3, (6,))
+    loader = DataLoader(TensorDataset(X, Y), batch_size=6)
+    params = list(model.parameters())
+    layout = ParamLayout.from_model(model, torch.optim.SGD(params, lr=0.1))[0]
+    projector = Projector.plan(layout, 40, dtype=DT)
+    assert {b.name for b in projector.blocks if b.sketch} >= {"conv.weight", "proj.weight"}  # the two-route case
+    indices, rows = _captured_rows(model, loader, route, projector, params)
+    want = []
+    for i in indices.tolist():  # one autograd call per sample: the slow reference
+        grads = torch.autograd.grad(F.cross_entropy(model(X[i:i + 1]), Y[i:i + 1], reduction="sum"), params)
+        want.append(projector.project_flat(torch.cat([g.reshape(-1) for g in grads])))
+    assert torch.allclose(rows, torch.stack(want), rtol=1e-10, atol=1e-12), route
+    if route == "full":
+        assert taken == {"unfold": 1, "outer": 0}
+    elif route == "factored":
+        assert taken == {"unfold": 0, "outer": 2}  # proj and head
+
+
+def test_unknown_route_is_refused():
+    model = nn.Linear(2, 2)
+    layout = ParamLayout.from_model(model, torch.optim.SGD(model.parameters(), lr=0.1))[0]
+    loader = DataLoader(TensorDataset(torch.zeros(2, 2)), batch_size=2)
+    with pytest.raises(TrackingConfigError, match="route must be one of 'auto', 'full', 'factored'.*got 'fast'"):
+        GradientCapture(model, list(model.parameters()), Projector.plan(layout, None), LoaderTap(loader), route="fast")
+
+
+# ------------------------------------------------------------------------------------------
+# the per-sample VJP helper (the fallback's, also BatchNorm's)
+# ------------------------------------------------------------------------------------------
+class TwoOutputs(nn.Module):
+    """Outputs (tensor, None, tensor, int): exercises cotangents for some outputs only."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(3, 4, dtype=DT))
+        self.v = nn.Parameter(torch.randn(4, dtype=DT))
+
+    def forward(self, x, shift=None):
+        y = torch.tanh(x @ self.w.T)
+        if shift is not None:
+            y = y + shift
+        return y, None, (x * self.v).sum(-1), 7
+
+
+@pytest.mark.parametrize("chunk", [None, 2])
+def test_per_sample_vjp_uncoupled_equals_one_sample_at_a_time(chunk):
+    torch.manual_seed(0)
+    module = TwoOutputs()
+    x, shift = torch.randn(5, 4, dtype=DT), torch.randn(3, dtype=DT)  # shift: shared, not batched
+    c0, c2 = torch.randn(5, 3, dtype=DT), torch.randn(5, dtype=DT)
+    primals = {n: p.detach() for n, p in module.named_parameters()}
+
+    def fn(p, args, kwargs):
+        return torch.func.functional_call(module, p, args, kwargs)
+
+    for cots in ([c0, None, c2, None], [c0, None, None, None]):
+        got = per_sample_vjp(fn, primals, (x,), {"shift": shift}, cots, chunk=chunk)
+        for b in range(5):
+            y, _, z, _ = module(x[b:b + 1], shift=shift)
+            total = (y * c0[b:b + 1]).sum() + ((z * c2[b:b + 1]).sum() if cots[2] is not None else 0)
+            want = torch.autograd.grad(total, [module.w, module.v], allow_unused=True)
+            for n, g in zip(["w", "v"], want):
+                g = torch.zeros_like(primals[n]) if g is None else g
+                assert torch.allclose(got[n][b], g, rtol=1e-12, atol=1e-14), (n, b)
+
+
+@pytest.mark.parametrize("chunk", [None, 2])
+def test_per_sample_vjp_coupled_restricts_the_cotangent_to_each_row(chunk):
+    """Samples interact (each output row sees the batch mean): g_b = vjp of the batch forward with row b's cotangent."""
+    torch.manual_seed(0)
+    w = torch.randn(3, 4, dtype=DT, requires_grad=True)
+    x, c = torch.randn(5, 4, dtype=DT), torch.randn(5, 3, dtype=DT)
+
+    def fn(p, args, kwargs):
+        (x,) = args
+        return torch.tanh((x - x.mean(0)) @ p["w"].T)
+
+    got = per_sample_vjp(fn, {"w": w.detach()}, (x,), {}, [c], coupled=True, chunk=chunk)["w"]
+    for b in range(5):
+        (want,) = torch.autograd.grad((fn({"w": w}, (x,), {})[b] * c[b]).sum(), [w])
+        assert torch.allclose(got[b], want, rtol=1e-12, atol=1e-14), b

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from hydra_nb import capture
+from hydra_nb.capture import rule_for
 from hydra_nb.examples import LeNet5, SmallCNN
 from hydra_nb.params import ParamLayout
 from hydra_nb.projection import Projector
@@ -73,8 +73,11 @@ def _per_sample_grads(module, inputs, d, names):
     return {n: torch.stack(v) for n, v in out.items()}
 
 
-def _check_routes(module, compute, inputs, k, monkeypatch, expect_routes=("full", "factored")):
+def _check_routes(module, inputs, k, expect_routes=("full", "factored")):
+    """Each route of the module's layer rule (chosen explicitly) gives T(G_b) of the autograd gradients."""
     module = module.double()
+    rule = rule_for(module)
+    assert not rule.deferred  # a layer rule, not the fallback
     layout = layout_of(module)
     proj = Projector.plan(layout, k, dtype=torch.float64)
     assert proj.blocks[0].sketch  # the weight is sketched: the interesting case
@@ -83,8 +86,7 @@ def _check_routes(module, compute, inputs, k, monkeypatch, expect_routes=("full"
     full = _per_sample_grads(module, inputs, d, names)
     blocks = dict(zip(names, proj.blocks))
     for route in expect_routes:
-        monkeypatch.setattr(capture, "_FORCE_ROUTE", route)
-        got = {b.name: v for b, v in compute(module, inputs, d, blocks)}
+        got = {b.name: v for b, v in rule.per_sample(module, inputs, d, blocks, route)}
         for n in names:
             b = blocks[n]
             want = b.project_matrix(full[n].reshape(inputs.shape[0], b.rows, b.cols))
@@ -98,21 +100,21 @@ def _check_routes(module, compute, inputs, k, monkeypatch, expect_routes=("full"
     nn.Conv2d(2, 3, 4, padding="same"),
     nn.Conv3d(2, 3, 2),
 ])
-def test_conv_routes_equal_sketched_full_gradient(conv, monkeypatch):
+def test_conv_routes_equal_sketched_full_gradient(conv):
     spatial = {nn.Conv1d: (11,), nn.Conv2d: (9, 8), nn.Conv3d: (5, 6, 4)}[type(conv)]
     x = torch.randn(4, conv.in_channels, *spatial, dtype=torch.float64)
     unfoldable = isinstance(conv, (nn.Conv1d, nn.Conv2d)) and not isinstance(conv.padding, str)
     k = conv.weight.numel() // 3 + conv.out_channels  # weight sketched, bias whole
-    _check_routes(conv, capture._conv, x, k, monkeypatch, ("full", "factored") if unfoldable else ("factored",))
+    _check_routes(conv, x, k, ("full", "factored") if unfoldable else ("factored",))
 
 
 @pytest.mark.parametrize("shape", [(5, 7), (5, 3, 7)])
-def test_linear_routes_equal_sketched_full_gradient(shape, monkeypatch):
+def test_linear_routes_equal_sketched_full_gradient(shape):
     lin = nn.Linear(7, 6)
-    _check_routes(lin, capture._linear, torch.randn(*shape, dtype=torch.float64), 20, monkeypatch)
+    _check_routes(lin, torch.randn(*shape, dtype=torch.float64), 20)
 
 
-def test_embedding_sketch_equals_sketched_full_gradient(monkeypatch):
+def test_embedding_sketch_equals_sketched_full_gradient():
     emb = nn.Embedding(11, 6, padding_idx=0)
     idx = torch.randint(0, 11, (5, 7))
     idx[0, :3] = 0
@@ -120,7 +122,7 @@ def test_embedding_sketch_equals_sketched_full_gradient(monkeypatch):
     layout = layout_of(emb)
     proj = Projector.plan(layout, 20, dtype=torch.float64)
     d = torch.randn(5, 7, 6, dtype=torch.float64)
-    (block, got), = list(capture._embedding(emb, idx, d, {"weight": proj.blocks[0]}))
+    (block, got), = list(rule_for(emb).per_sample(emb, idx, d, {"weight": proj.blocks[0]}, "auto"))
     full = torch.zeros(5, 11, 6, dtype=torch.float64)
     for b in range(5):
         for l in range(7):

@@ -68,7 +68,7 @@ def run(tmp_path_factory):
                 F.cross_entropy(model(x), y).backward()
                 opt.step()
     store = hydra_nb.open_store(str(path))
-    routes = {type(module).__name__: kind for module, _, kind in tracker.capture.owners}
+    routes = {type(owner.module).__name__: owner.rule.name for owner in tracker.capture.owners}
     return store, model, (texts, labels), (test_texts, test_labels), routes
 
 

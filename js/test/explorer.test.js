@@ -1,48 +1,7 @@
 import { describe, expect, it } from "vitest";
 import { createExplorer } from "../src/explorer.js";
-import { FakeModel, flush, packed } from "./fake.js";
-
-const INFO = { test_kind: "image", train_kind: "image", n_test: 100, n_train: 500, train_classes: [0, 1, 2],
-  test_classes: [0, 1, 2], class_names: null, path: "runs/a.zarr",
-  store: { path: "runs/a.zarr", status: "complete", mode: "fast", steps: 90, checkpoints: 3, n_tracked: 500, n_train: 500 } };
-
-const thumbs = (n) => packed("uint8", [n, 2, 2, 1], new Array(4 * n).fill(0).map((_, i) => i % 255));
-const cards = (ids, scores) => ({ indices: packed("int32", [ids.length], ids), labels: packed("int32", [ids.length], ids.map((i) => i % 3)),
-  scores: packed("float64", [ids.length], scores), thumbs: thumbs(ids.length) });
-
-function python() {
-  const calls = [];
-  const handlers = {
-    gallery: (p) => {
-      calls.push(["gallery", p]);
-      const ids = Array.from({ length: Math.min(p.limit, 100 - p.offset) }, (_, i) => p.offset + i);
-      return { total: 100, offset: p.offset, indices: packed("int32", [ids.length], ids),
-        labels: packed("int32", [ids.length], ids.map((i) => i % 3)),
-        predicted: packed("int32", [ids.length], ids.map((i) => (i % 7 === 0 ? (i + 1) % 3 : i % 3))),
-        thumbs: thumbs(ids.length) };
-    },
-    rankings: (p) => {
-      calls.push(["rankings", p]);
-      const groups = p.sort === "both"
-        ? { helpful: cards([5, 6, 7].slice(0, p.k), [3, 2, 1]), harmful: cards([8, 9, 10].slice(0, p.k), [-3, -2, -1]) }
-        : { [p.sort]: cards([5, 8].slice(0, p.k), [3, -2.5]) };
-      return { test: p.test, label: 1, predicted: 2, candidates: 500, step: 90, groups };
-    },
-    trajectory: (p) => {
-      calls.push(["trajectory", p]);
-      const m = p.train.length;
-      return { test: p.test, steps: packed("float64", [3], [0, 45, 90]),
-        values: packed("float64", [3, m], new Array(3 * m).fill(0).map((_, i) => i)), epochs: packed("float64", [2], [45, 90]),
-        epoch_exact: true, train: packed("int32", [m], p.train), labels: packed("int32", [m], p.train.map((i) => i % 3)) };
-    },
-    self_influence: (p) => { calls.push(["self_influence", p]); return { total: 500, offset: p.offset, order: p.order,
-      range: packed("float64", [2], [-1, 9]), ...cards([3, 1, 4], [9, 5, 1]) }; },
-    class_matrix: () => { calls.push(["class_matrix"]); return { train_classes: packed("int32", [3], [0, 1, 2]),
-      test_classes: packed("int32", [3], [0, 1, 2]), mean: packed("float64", [3, 3], [1, -1, 0, 0, 2, -2, 0.5, 0, 1]),
-      counts: packed("float64", [3, 3], new Array(9).fill(10)) }; },
-  };
-  return { calls, handlers };
-}
+import { Client } from "../src/rpc.js";
+import { FakeModel, INFO, cards, flush, hold, python, thumbs } from "./fake.js";
 
 function setup(state = {}) {
   const py = python();
@@ -105,6 +64,7 @@ describe("explorer view", () => {
     k.dispatchEvent(new KeyboardEvent("keydown", { key: "Enter" }));
     await flush();
     expect(model.get("k")).toBe(1);
+    expect(host.querySelectorAll("[data-testid=hydra-card][data-group=absolute]").length).toBe(1);
     const cls = host.querySelector("[data-testid=hydra-class-filter]");
     cls.value = "2";
     cls.dispatchEvent(new Event("change"));
@@ -150,5 +110,66 @@ describe("explorer view", () => {
     dispose();
     expect(host.children.length).toBe(0);
     expect(model.listeners["change:selected"].length).toBe(0);
+  });
+
+  it("routes info to the views: the explain views answer again, the training views when shown", async () => {
+    const { model, host, py } = setup({ selected: 2 });
+    await flush();
+    expect(py.calls.map(([m]) => m)).toEqual(["gallery", "rankings"]);
+    model.set("info", { ...INFO, store: { ...INFO.store, steps: 120, checkpoints: 4 } });
+    await flush();
+    expect(py.calls.map(([m]) => m)).toEqual(["gallery", "rankings", "gallery", "rankings"]);
+    expect(host.querySelector("[data-testid=hydra-summary]").textContent).toContain("120 steps, 4 checkpoints");
+    host.querySelector("[data-testid=hydra-tab-training]").click();
+    await flush();
+    expect(py.calls.slice(4).map(([m]) => m)).toEqual(["self_influence", "class_matrix"]);
+    host.querySelector("[data-testid=hydra-tab-explain]").click();
+    host.querySelector("[data-testid=hydra-tab-training]").click();
+    await flush();
+    expect(py.calls.length).toBe(6);  // shown again, nothing changed: no new request
+    model.set("info", { ...INFO });
+    await flush();
+    expect(py.calls.slice(6).map(([m]) => m)).toEqual(["gallery", "rankings", "self_influence", "class_matrix"]);
+  });
+
+  it("when the live training cell finishes, the training views answer again", async () => {
+    const { model, host, py } = setup({ tab: "training" });
+    await flush();
+    const before = py.calls.filter(([m]) => m === "self_influence" || m === "class_matrix").length;
+    expect(before).toBe(2);
+    model.set("live_state", { active: false, step: 300, checkpoint_step: 300, updates: 3, note: null, items: [] });
+    await flush();
+    expect(py.calls.filter(([m]) => m === "self_influence" || m === "class_matrix").length).toBe(4);
+  });
+
+  it("links the views: a card goes on the chart, the gallery's picture shows the selected sample", async () => {
+    const { model, host } = setup();
+    await flush();
+    host.querySelectorAll("[data-testid=hydra-gallery-item]")[4].click();
+    await flush();
+    expect(host.querySelector("[data-testid=hydra-selected] canvas")).not.toBe(null);
+    host.querySelector("[data-testid=hydra-card][data-index='9']").click();
+    await flush();
+    expect(model.get("compared")).toEqual([9]);
+    expect(host.querySelector("[data-testid=hydra-trajectory]").dataset.series).toBe("1");
+  });
+
+  it("disposing disposes every view: no listener of model state and no pending request is left", async () => {
+    const py = python();
+    for (const m of ["gallery", "rankings", "trajectory", "self_influence", "class_matrix"]) py.handlers[m] = hold(py.handlers[m]);
+    const model = new FakeModel({ info: INFO, selected: 1, compared: [5], tab: "training" }, py.handlers);
+    const host = document.createElement("div");
+    const client = new Client(model);  // the caller's: the explorer leaves it open, so its pending map shows the views' requests
+    const dispose = createExplorer({ model, el: host, client });
+    await flush();
+    expect(model.sent.map((m) => m.method).sort()).toEqual(["class_matrix", "gallery", "rankings", "self_influence", "trajectory"]);
+    expect(client.pending.size).toBe(5);
+    dispose();
+    expect(client.pending.size).toBe(0);
+    expect(model.stateListeners()).toEqual([]);
+    expect(host.children.length).toBe(0);
+    for (const m of ["gallery", "rankings", "trajectory", "self_influence", "class_matrix"]) py.handlers[m].release();
+    await flush();
+    expect(py.calls.length).toBe(5);  // Python answered; nothing was drawn, nothing failed
   });
 });

@@ -3,19 +3,20 @@
 For every training forward (root model in training mode, autograd enabled) a
 forward hook keeps the layer's input a, and a hook on its output tensor
 receives δ = ∂(loss)/∂(output) during the user's ``backward()``. The gradient
-that sample b puts into ``.grad`` is then, per layer type,
+that sample b puts into ``.grad`` is then, per layer type (one rule per file, found through the
+table ``rules.LAYER_RULES``),
 
-    Linear      G_b = Σ_l δ_bl a_blᵀ                    (l: positions, if any)
-    Conv        G_b = Σ_l δ_bl patch(a_b)_lᵀ             (patches: a strided view of the input)
-    Embedding   G_b = Σ_l e_{idx_bl} δ_blᵀ
-    LayerNorm   g_b = Σ_l δ_bl ⊙ â_bl  (weight),  Σ_l δ_bl  (bias)
-    other       torch.func: vmap over samples of the module's vjp
+    Linear      G_b = Σ_l δ_bl a_blᵀ                    (l: positions, if any)       linear.py
+    Conv        G_b = Σ_l δ_bl patch(a_b)_lᵀ             (patches of the input)       conv.py
+    Embedding   G_b = Σ_l e_{idx_bl} δ_blᵀ                                            embedding.py
+    LayerNorm   g_b = Σ_l δ_bl ⊙ â_bl  (weight),  Σ_l δ_bl  (bias)                   layernorm.py
+    other       torch.func: vmap over samples of the module's vjp, at step()         fallback.py
 
 and each is projected by the parameter's block of the ``Projector`` (a sketch T), either
-from G_b or factor-wise, T(G_b) = Σ_l CS1(δ_bl) ⊛ CS2(a_bl), whichever is cheaper. Since
-δ is what the backward really propagated, the reduction (mean or sum) and any
-loss the user wrote are accounted for: Σ_b G_b equals ``.grad``, which
-``check`` verifies.
+from G_b or factor-wise, T(G_b) = Σ_l CS1(δ_bl) ⊛ CS2(a_bl), whichever is cheaper (``routes.py``;
+``GradientCapture(route=...)`` forces one). Since δ is what the backward really propagated, the
+reduction (mean or sum) and any loss the user wrote are accounted for: Σ_b G_b equals ``.grad``,
+which ``check`` verifies.
 
 With BatchNorm in training mode the samples of a batch are coupled and these per-layer
 formulas do not apply: the whole model's per-sample gradients are computed from its root calls
@@ -34,17 +35,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from ..batches import LoaderTap
+from ..errors import TrackingConfigError, TrackingFailure
+from ..projection import Block, Projector
 from . import batchnorm as bn
-from .batches import LoaderTap
-from .errors import TrackingConfigError, TrackingFailure
-from .projection import Block, Projector
+from .routes import ROUTES
+from .rules import LAYER_RULES, LayerRule, Owner, owners, rule_for
 
-_CONV = {nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d, nn.Conv3d: F.conv3d}
+__all__ = ["GradientCapture", "LAYER_RULES", "LayerRule", "Owner", "Pass", "ROUTES", "RootCall", "rule_for"]
+
 _BATCHNORM = (nn.modules.batchnorm._BatchNorm, nn.SyncBatchNorm)
 
 
@@ -80,14 +82,13 @@ class Pass:
 
 
 @dataclass
-class _FallbackCall:
-    module: nn.Module
-    owned: list[tuple[str, int]]  # (name relative to module, block index)
-    leaves: list  # flattened (args, kwargs)
-    spec: Any
-    outputs: list[torch.Tensor]
-    out_spec: Any
-    cotangents: list
+class _DeferredCall:
+    """One recorded call of a module whose rule runs at step() (the fallback)."""
+
+    owner: Owner
+    blocks: dict[str, Block]
+    inputs: tuple  # (args, kwargs), detached
+    cotangents: list  # one per flattened output, filled by the user's backward (None until then)
     generation: int
 
 
@@ -110,48 +111,15 @@ def _guarded(method):
     return wrapper
 
 
-def _owned_params(model: nn.Module, tracked: dict[int, int]) -> list[tuple[nn.Module, list[tuple[str, int]], str]]:
-    """(module, [(param name relative to module, block index)], handler kind) for every capturing module."""
-    result = []
-    claimed: set[int] = set()  # modules whose parameters a parent captures as a whole
-    for module in model.modules():
-        if id(module) in claimed:
-            continue
-        if isinstance(module, nn.MultiheadAttention):
-            # out_proj's weights are used functionally inside MHA's forward: capture MHA as one unit
-            owned = [(n, tracked[id(p)]) for n, p in module.named_parameters() if id(p) in tracked]
-            for sub in module.modules():
-                claimed.add(id(sub))
-            if owned:
-                result.append((module, owned, "fallback"))
-            continue
-        owned = [(n, tracked[id(p)]) for n, p in module.named_parameters(recurse=False) if id(p) in tracked]
-        if not owned:
-            continue
-        kind = "fallback"
-        if isinstance(module, nn.Linear):
-            kind = "linear"
-        elif type(module) in _CONV and module.groups == 1:
-            kind = "conv"
-        elif isinstance(module, nn.Embedding):
-            if module.max_norm is not None or module.scale_grad_by_freq or module.sparse:
-                raise TrackingConfigError(
-                    f"Embedding {module} uses max_norm, scale_grad_by_freq or sparse gradients, which make a "
-                    "sample's gradient depend on the rest of the batch (or are not SGD-compatible). "
-                    "Build it without these options to track it."
-                )
-            kind = "embedding"
-        elif isinstance(module, nn.LayerNorm):
-            kind = "layernorm"
-        result.append((module, owned, kind))
-    return result
-
-
 class GradientCapture:
     """Hooks that turn the user's backward into projected per-sample gradients, one ``Pass`` per batch."""
 
     def __init__(self, model: nn.Module, params: list[nn.Parameter], projector: Projector, tap: LoaderTap,
-                 keep_root_calls: bool = False, batchnorm: str | None = None):
+                 keep_root_calls: bool = False, batchnorm: str | None = None, route: str = "auto"):
+        if route not in ROUTES:
+            raise TrackingConfigError(f"route must be one of {', '.join(map(repr, ROUTES))} (which way the layer rules "
+                                      f"sketch per-sample gradients; 'auto' chooses by cost), got {route!r}.")
+        self.route = route
         self.model = model
         self.params = params
         self.projector = projector
@@ -160,14 +128,14 @@ class GradientCapture:
         self.keep_root_calls = keep_root_calls or batchnorm is not None
         self._bn_records: list | None = None
         self.passes: dict[int, Pass] = {}
-        self.fallback_calls: list[_FallbackCall] = []
+        self.fallback_calls: list[_DeferredCall] = []
         self.failure: BaseException | None = None
         self.suspended = False
         self.seconds = 0.0  # time spent in hooks (forward and backward)
         self._handles: list = []
         tracked = {id(p): i for i, p in enumerate(params)}
-        self.owners = _owned_params(model, tracked)
-        covered = {b for _, owned, _ in self.owners for _, b in owned}
+        self.owners: list[Owner] = owners(model, tracked)
+        covered = {b for owner in self.owners for _, b in owner.owned}
         uncovered = [projector.layout.slots[i].name for i in range(len(params)) if i not in covered]
         if uncovered:  # pragma: no cover - every parameter belongs to some module
             raise TrackingConfigError(f"hydra_nb found no module owning parameter(s) {uncovered}.")
@@ -182,10 +150,13 @@ class GradientCapture:
                     self._handles.append(module.register_forward_pre_hook(self._bn_record_hook))
             self._handles.append(self.model.register_forward_hook(self._root_hook, with_kwargs=True))
             return
-        for module, owned, kind in self.owners:
-            blocks = {name: self.projector.blocks[b] for name, b in owned}
-            hook = self._fallback_hook(module, owned) if kind == "fallback" else self._layer_hook(kind, blocks)
-            self._handles.append(module.register_forward_hook(hook, with_kwargs=kind == "fallback"))
+        for owner in self.owners:
+            blocks = {name: self.projector.blocks[b] for name, b in owner.owned}
+            if owner.rule.deferred:
+                hook = self._deferred_hook(owner, blocks)
+            else:
+                hook = self._layer_hook(owner.rule, blocks)
+            self._handles.append(owner.module.register_forward_hook(hook, with_kwargs=owner.rule.deferred))
         for module in self.model.modules():
             if isinstance(module, _BATCHNORM):
                 self._handles.append(module.register_forward_pre_hook(self._batchnorm_guard))
@@ -246,8 +217,8 @@ class GradientCapture:
         if self._capturing() and self._bn_records is not None and args and torch.is_tensor(args[0]):
             self._bn_records.append(bn.record(module, args[0]))
 
-    def _layer_hook(self, kind: str, blocks: dict[str, Block]):
-        compute = {"linear": _linear, "conv": _conv, "embedding": _embedding, "layernorm": _layernorm}[kind]
+    def _layer_hook(self, rule: LayerRule, blocks: dict[str, Block]):
+        """A forward hook keeping the input a; the output's hook applies the rule to (a, δ) in the backward."""
         dim = self.projector.dim
 
         @_guarded
@@ -262,7 +233,7 @@ class GradientCapture:
             def on_grad(grad):
                 start = time.perf_counter()
                 try:
-                    for block, values in compute(module, a, grad.detach(), blocks):
+                    for block, values in rule.per_sample(module, a, grad.detach(), blocks, self.route):
                         p.add(block, values, dim)
                 except Exception as exc:  # never raise into the user's backward
                     self.failure = TrackingFailure(
@@ -274,7 +245,9 @@ class GradientCapture:
 
         return lambda module, args, output: hook(self, module, args, output)
 
-    def _fallback_hook(self, module: nn.Module, owned: list[tuple[str, int]]):
+    def _deferred_hook(self, owner: Owner, blocks: dict[str, Block]):
+        """A forward hook recording the call (inputs, and its outputs' cotangents as the backward delivers them)."""
+
         @_guarded
         def hook(self, mod, args, kwargs, output):
             if not self._capturing():
@@ -289,17 +262,14 @@ class GradientCapture:
                     "batch on the first dimension. Build it with batch_first=True."
                 )
                 return
-            outs, out_spec = tree_flatten(output)
+            outs, _ = tree_flatten(output)
             if not any(torch.is_tensor(o) and o.requires_grad for o in outs):
                 return
             p = self._pass_for(batched[0].shape[0])
             if p is None:
                 return
-            call = _FallbackCall(
-                mod, owned, [t.detach() if torch.is_tensor(t) else t for t in leaves], spec,
-                [o.detach() if torch.is_tensor(o) else o for o in outs], out_spec, [None] * len(outs),
-                p.generation,
-            )
+            inputs = tree_unflatten([t.detach() if torch.is_tensor(t) else t for t in leaves], spec)
+            call = _DeferredCall(owner, blocks, inputs, [None] * len(outs), p.generation)
             for j, o in enumerate(outs):
                 if torch.is_tensor(o) and o.requires_grad:
                     o.register_hook(_store_cotangent(call, j))
@@ -356,6 +326,7 @@ class GradientCapture:
         self.fallback_calls = [c for c in self.fallback_calls if all(x is None for x in c.cotangents)]
 
     def _run_fallbacks(self) -> None:
+        """Apply the deferred rules (the fallback) to the calls recorded since the last step."""
         dim = self.projector.dim
         for call in self.fallback_calls:
             if all(c is None for c in call.cotangents):
@@ -363,20 +334,20 @@ class GradientCapture:
             p = self.passes.get(call.generation)
             if p is None:
                 continue
+            module = call.owner.module
             self.suspended = True
             try:
-                grads = _per_sample_vjp(call, self.params)
+                rows = list(call.owner.rule.per_sample(module, call.inputs, call.cotangents, call.blocks, self.route))
             except Exception as exc:
                 raise TrackingFailure(
                     f"the torch.func fallback could not compute per-sample gradients of "
-                    f"{type(call.module).__name__}: {exc!r}. If the module uses randomness (dropout) or mixes "
+                    f"{type(module).__name__}: {exc!r}. If the module uses randomness (dropout) or mixes "
                     "samples of a batch, it cannot be tracked per sample."
                 ) from exc
             finally:
                 self.suspended = False
-            for (name, b), g in zip(call.owned, grads):
-                block = self.projector.blocks[b]
-                p.add(block, block.project_matrix(g.to(block.dtype).reshape(g.shape[0], block.rows, block.cols)), dim)
+            for block, values in rows:
+                p.add(block, values, dim)
 
     def _primals(self) -> dict[str, torch.Tensor]:
         return {s.name: p.detach() for s, p in zip(self.projector.layout.slots, self.params)}
@@ -530,201 +501,8 @@ class GradientCapture:
         )
 
 
-def _store_cotangent(call: _FallbackCall, j: int):
+def _store_cotangent(call: _DeferredCall, j: int):
     def hook(grad):
         call.cotangents[j] = grad.detach() if call.cotangents[j] is None else call.cotangents[j] + grad.detach()
 
     return hook
-
-
-def _per_sample_vjp(call: _FallbackCall, params: list[nn.Parameter]) -> list[torch.Tensor]:
-    """Per-sample gradient of Σ_j ⟨cotangent_j, output_j⟩ with respect to the module's own parameters."""
-    module = call.module
-    named = dict(module.named_parameters())
-    primals = {name: named[name].detach() for name, _ in call.owned}
-    batch = next(t.shape[0] for t in call.leaves if torch.is_tensor(t) and t.dim() > 0)
-    leaf_dims = [0 if torch.is_tensor(t) and t.dim() > 0 and t.shape[0] == batch else None for t in call.leaves]
-    cot_dims = [0 if c is not None else None for c in call.cotangents]
-    mask = [torch.is_tensor(o) for o in call.outputs]
-
-    def one(leaves, cots):
-        leaves = [t.unsqueeze(0) if d == 0 else t for t, d in zip(leaves, leaf_dims)]
-        args, kwargs = tree_unflatten(leaves, call.spec)
-
-        def f(p):
-            out = torch.func.functional_call(module, p, tuple(args), kwargs)
-            outs, _ = tree_flatten(out)
-            return tuple(o for o, m in zip(outs, mask) if m)
-
-        outs, vjp_fn = torch.func.vjp(f, primals)
-        full_cots = []
-        for o, m, c in zip(outs, [m for m in mask if m], [c for c, m in zip(cots, mask) if m]):
-            full_cots.append(torch.zeros_like(o) if c is None else c.unsqueeze(0))
-        return vjp_fn(tuple(full_cots))[0]
-
-    # torch's fused attention kernels have no vmap batching rule (vmap would loop over the samples one at a
-    # time); the math backend is made of batchable ops and gives the same values to float round-off
-    with sdpa_kernel(SDPBackend.MATH):
-        grads = torch.func.vmap(one, in_dims=(leaf_dims, cot_dims), randomness="error")(call.leaves, call.cotangents)
-    return [grads[name] for name, _ in call.owned]
-
-
-# -- layer formulas: each yields (block, (B, block.dim) projected per-sample gradient) --------
-def _cast(x: torch.Tensor, block: Block) -> torch.Tensor:
-    return x if x.dtype == block.dtype else x.to(block.dtype)
-
-
-_FULL_BYTES = 256 << 20
-_FORCE_ROUTE: str | None = None  # "full" or "factored": lets tests exercise both routes of a layer
-
-
-def _prefer_full(B: int, L: int, block: Block, itemsize: int, extra_bytes: int = 0, conv: bool = False) -> bool:
-    """Form the (B, rows, cols) per-sample gradients and scatter them, or sketch the factors and FFT?
-
-    A cost model in nanoseconds, calibrated on the CPU with LeNet-5 and transformer-sized layers
-    (batched matmul ≈ 0.02 ns/MAC, scatter ≈ 2 ns/element, FFT ≈ 0.4 ns per k·log2 k, a dense
-    convolution ≈ 0.05 ns/MAC): the full route wins for convolutions and long sequences, the
-    factored one for wide linear layers.
-    """
-    if _FORCE_ROUTE is not None:
-        return _FORCE_ROUTE == "full"
-    if not block.sketch:
-        return True
-    R, C, k = block.rows, block.cols, block.dim
-    if B * R * C * itemsize + extra_bytes > _FULL_BYTES:
-        return False
-    full = 0.02 * L * R * C + 2.0 * R * C
-    factored = L * (2.0 * (R + C) + 0.4 * k * max(math.log2(k), 1.0) + (0.05 * C * k if conv else 0.0))
-    return full <= factored
-
-
-def _linear(module: nn.Linear, a: torch.Tensor, d: torch.Tensor, blocks: dict[str, Block]):
-    B = a.shape[0]
-    a = a.reshape(B, -1, a.shape[-1])
-    d = d.reshape(B, -1, d.shape[-1])
-    if "weight" in blocks:
-        w = blocks["weight"]
-        a_, d_ = _cast(a, w), _cast(d, w)
-        if _prefer_full(B, a.shape[1], w, a_.element_size()):
-            yield w, w.project_matrix(torch.bmm(d_.transpose(1, 2), a_))  # G_b = Σ_l δ_l a_lᵀ
-        else:
-            yield w, w.project_outer(d_, a_)
-    if "bias" in blocks:
-        b = blocks["bias"]
-        yield b, b.project_matrix(_cast(d.sum(1), b).unsqueeze(-1))
-
-
-_UNFOLD_BYTES = 256 << 20
-
-
-def _unfold(module: nn.Module, a: torch.Tensor) -> torch.Tensor | None:
-    """Input patches (B, C_in·k…, L) of a Conv1d/Conv2d with numeric padding, or None if not possible.
-
-    Built as a strided view of the padded input (then one copy): several times faster than
-    ``F.unfold`` on the CPU.
-    """
-    if not isinstance(module, (nn.Conv1d, nn.Conv2d)) or isinstance(module.padding, str):
-        return None
-    nd = len(module.kernel_size)
-    if module.padding_mode != "zeros":
-        a = F.pad(a, module._reversed_padding_repeated_twice, mode=module.padding_mode)
-    elif any(module.padding):
-        a = F.pad(a, [p for p in reversed(module.padding) for _ in range(2)])
-    a = a.contiguous()
-    B, C = a.shape[:2]
-    sizes, strides = [], []
-    for i in range(nd):
-        extent = module.dilation[i] * (module.kernel_size[i] - 1) + 1
-        sizes.append((a.shape[2 + i] - extent) // module.stride[i] + 1)
-        strides.append(a.stride(2 + i))
-    view = a.as_strided(
-        (B, C, *module.kernel_size, *sizes),
-        (a.stride(0), a.stride(1), *(d * s for d, s in zip(module.dilation, strides)),
-         *(st * s for st, s in zip(module.stride, strides))),
-    )
-    L = 1
-    for n in sizes:
-        L *= n
-    return view.reshape(B, -1, L)
-
-
-def _conv(module: nn.Module, a: torch.Tensor, d: torch.Tensor, blocks: dict[str, Block]):
-    """Per-sample T(Σ_l δ_l patch_lᵀ) by one of two routes computing the same map.
-
-    full: unfold the input to patches (B, cols, L), form G_b = δ_b·patchesᵀ (B, out, cols), sketch it;
-    factored: a convolution whose kernel is the CountSketch CS2 gives CS2(patch_l) without unfolding,
-    then T = Σ_l CS1(δ_l) ⊛ CS2(patch_l) by FFT (used when the patches or G would be too large,
-    or for Conv3d and string padding, which unfold cannot do).
-    """
-    B = a.shape[0]
-    if "weight" in blocks:
-        w = blocks["weight"]
-        a = _cast(a, w)
-        dd = _cast(d, w).reshape(B, w.rows, -1)  # (B, out, L)
-        L = dd.shape[2]
-        patch_bytes = B * w.cols * L * a.element_size()
-        full = patch_bytes <= _UNFOLD_BYTES and _prefer_full(B, L, w, a.element_size(), patch_bytes, conv=True)
-        if _FORCE_ROUTE is not None:
-            full = _FORCE_ROUTE == "full"
-        patches = _unfold(module, a) if full else None
-        if patches is not None:
-            yield w, w.project_matrix(torch.bmm(dd, patches.transpose(1, 2)))
-        else:
-            kernel_shape = module.weight.shape[1:]
-            if w.sketch:  # CS2 as a dense (dim, cols) matrix, used as a convolution kernel
-                kernel = torch.zeros(w.dim, w.cols, dtype=a.dtype, device=a.device)
-                kernel[w.h2, torch.arange(w.cols, device=a.device)] = w.s2.to(a.dtype)
-            else:
-                kernel = torch.eye(w.cols, dtype=a.dtype, device=a.device)
-            padding = module.padding
-            if module.padding_mode != "zeros":
-                a = F.pad(a, module._reversed_padding_repeated_twice, mode=module.padding_mode)
-                padding = 0
-            cols = _CONV[type(module)](a, kernel.reshape(-1, *kernel_shape), None, module.stride, padding,
-                                       module.dilation).reshape(B, kernel.shape[0], -1)  # (B, dim|cols, L)
-            if w.sketch:
-                yield w, w.combine(w.sketch_rows(dd.transpose(1, 2)), cols.transpose(1, 2))
-            else:
-                yield w, torch.bmm(dd, cols.transpose(1, 2)).reshape(B, w.dim)
-    if "bias" in blocks:
-        b = blocks["bias"]
-        yield b, b.project_matrix(_cast(d.reshape(B, d.shape[1], -1).sum(2), b).unsqueeze(-1))
-
-
-def _embedding(module: nn.Embedding, idx: torch.Tensor, d: torch.Tensor, blocks: dict[str, Block]):
-    """G_b = Σ_l e_{idx_l} δ_lᵀ; sketched, CS1(e_idx) is a signed one-hot at bucket h1[idx]."""
-    w = blocks["weight"]
-    B = idx.shape[0]
-    idx = idx.reshape(B, -1)
-    d = _cast(d, w).reshape(B, idx.shape[1], -1)
-    if module.padding_idx is not None:
-        d = d * (idx != module.padding_idx).unsqueeze(-1).to(d.dtype)
-    if not w.sketch:
-        g = torch.zeros(B, w.rows, w.cols, dtype=d.dtype, device=d.device)
-        g.scatter_add_(1, idx.unsqueeze(-1).expand(-1, -1, w.cols), d)
-        yield w, g.reshape(B, w.dim)
-        return
-    cu = torch.zeros(B, idx.shape[1], w.dim, dtype=d.dtype, device=d.device)
-    cu.scatter_(-1, w.h1[idx].unsqueeze(-1), w.s1[idx].unsqueeze(-1).to(d.dtype))
-    yield w, w.combine(cu, w.sketch_cols(d))
-
-
-def _layernorm(module: nn.LayerNorm, x: torch.Tensor, d: torch.Tensor, blocks: dict[str, Block]):
-    B = x.shape[0]
-    nd = len(module.normalized_shape)
-    dims = tuple(range(x.dim() - nd, x.dim()))
-    ref = next(iter(blocks.values()))
-    x = _cast(x, ref)
-    d = _cast(d, ref)
-    mean = x.mean(dims, keepdim=True)
-    var = x.var(dims, unbiased=False, keepdim=True)
-    xhat = (x - mean) / torch.sqrt(var + module.eps)
-    shape = tuple(module.normalized_shape)
-    if "weight" in blocks:
-        w = blocks["weight"]
-        g = (d * xhat).reshape(B, -1, *shape).sum(1)
-        yield w, w.project_matrix(g.reshape(B, w.rows, w.cols))
-    if "bias" in blocks:
-        b = blocks["bias"]
-        g = d.reshape(B, -1, *shape).sum(1)
-        yield b, b.project_matrix(g.reshape(B, b.rows, b.cols))

@@ -22,8 +22,8 @@ the standard approximation: the statistics are computed from the batch, then tre
 constants, which makes BatchNorm a per-sample affine map. Σ_i u_i is then *not* ``.grad`` (the
 terms through the statistics are missing), so the ``.grad`` check
 compares ``.grad`` with the batch-coupled sum instead (one extra backward per checked step).
-Computed by ``torch.func.vmap`` over samples of the model's vjp, each BatchNorm normalising with the
-recorded batch statistics.
+Computed by ``torch.func.vmap`` over samples of the model's vjp (``fallback.per_sample_vjp``, the
+helper the fallback rule uses), each BatchNorm normalising with the recorded batch statistics.
 
 Both recompute the batch forward from what the user's forward recorded, with every BatchNorm
 module's forward replaced (``replaying``) so that running statistics are never touched: the
@@ -37,9 +37,9 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from .errors import TrackingConfigError
+from ..errors import TrackingConfigError
+from .fallback import per_sample_vjp
 
 CHOICES = ("fixed", "exact")
 _CHUNK_BYTES = 64 << 20  # per-sample gradients held at once while vmapping
@@ -187,7 +187,8 @@ def per_sample_gradients(model: nn.Module, primals: dict[str, torch.Tensor], cal
 
     Sample b's loss term reaches θ only through output row b, so its gradient is the vjp of the
     batch forward with cotangent g restricted to row b (``coupled``), or, with the statistics held
-    fixed, the vjp of the single-sample forward with cotangent g_b.
+    fixed, the vjp of the single-sample forward with cotangent g_b: ``fallback.per_sample_vjp``
+    either way, each BatchNorm normalising as ``replaying`` says.
     """
     g = call.output_grad
     B = g.shape[0]
@@ -197,38 +198,12 @@ def per_sample_gradients(model: nn.Module, primals: dict[str, torch.Tensor], cal
     # sample ("fixed"); BatchNorm inputs, a few times over, stand in for the activations
     acts = 4 * sum(r.numel for r in call.bn_records)
     step = _chunk(B, max(numel, acts if coupled else acts // B), itemsize)
-    parts = []
     with replaying(call.bn_records, coupled) as replay:
-        if coupled:
-            def f(p):
-                replay.reset()
-                return torch.func.functional_call(model, _with_buffer_copies(model, p), call.args, call.kwargs)
+        def forward(p, args, kwargs):
+            replay.reset()
+            return torch.func.functional_call(model, _with_buffer_copies(model, p), args, kwargs)
 
-            _, vjp_fn = torch.func.vjp(f, primals)
-            eye = torch.eye(B, dtype=g.dtype, device=g.device)
-            one = torch.func.vmap(lambda m: vjp_fn(g * m.reshape((B,) + (1,) * (g.dim() - 1)))[0])
-            for s in range(0, B, step):
-                parts.append(one(eye[s:s + step]))
-        else:
-            leaves, spec = tree_flatten((call.args, call.kwargs))
-            dims = [0 if torch.is_tensor(t) and t.dim() > 0 and t.shape[0] == B else None for t in leaves]
-
-            def single(xs, cot):
-                xs = [t.unsqueeze(0) if d == 0 else t for t, d in zip(xs, dims)]
-                args, kwargs = tree_unflatten(xs, spec)
-
-                def f(p):
-                    replay.reset()
-                    return torch.func.functional_call(model, _with_buffer_copies(model, p), tuple(args), kwargs)
-
-                _, vjp_fn = torch.func.vjp(f, primals)
-                return vjp_fn(cot.unsqueeze(0))[0]
-
-            vm = torch.func.vmap(single, in_dims=(dims, 0), randomness="error")
-            for s in range(0, B, step):
-                xs = [t[s:s + step] if d == 0 else t for t, d in zip(leaves, dims)]
-                parts.append(vm(xs, g[s:s + step]))
-    return {n: torch.cat([p[n] for p in parts]) for n in primals}
+        return per_sample_vjp(forward, primals, call.args, call.kwargs, [g], coupled=coupled, chunk=step)
 
 
 def coupled_total(model: nn.Module, primals: dict[str, torch.Tensor], call) -> dict[str, torch.Tensor]:
