@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..batches import ModelInputs
+from ..data import ModelInputs
 from ..errors import TrackingConfigError
 from ..hypergrad import batch_targets, loss_weights
 

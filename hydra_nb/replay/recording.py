@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..data import ModelInputs, dataset_len, is_pair
 from ..errors import ReplayError
 from .record import checksum, model_call, split_batch
 from .walk import Call, LIKELY_CAUSES
@@ -129,13 +130,11 @@ class TrainingData:
 
     def __init__(self, data, n_train: int, *, device: torch.device, dtype: torch.dtype, collate_fn=None,
                  batch_fn=None):
-        from ..query import _dataset_len, _is_pair  # the adapters queries use (one neutral module)
-
         if data is None:
             raise ValueError("mode='exact' on a fast-mode store replays the run and needs the training data: pass "
                              "train_data=(inputs, targets) or the tracked loader's dataset (train_data=loader.dataset).")
-        self.pair = _is_pair(data)
-        n = _dataset_len(data)
+        self.pair = is_pair(data)
+        n = dataset_len(data)
         if n != n_train:
             raise ValueError(f"The run trained on {n_train} samples; train_data has {n}. Pass the training set as the "
                              "tracked DataLoader's dataset indexes it.")
@@ -145,8 +144,6 @@ class TrainingData:
     def batch(self, samples: np.ndarray):
         """The loader batch of these dataset indices (before it reaches the model)."""
         if self.pair:
-            from ..batches import ModelInputs
-
             idx = torch.from_numpy(np.asarray(samples, dtype=np.int64))
             return (ModelInputs(self.data[0])[idx].value, torch.as_tensor(self.data[1])[idx])
         from torch.utils.data import default_collate
