@@ -267,6 +267,16 @@ class Store:
         return self.reader.optimizer
 
     @property
+    def optimizer_rule(self):
+        """The run's :class:`~hydra_nb.optim.OptimizerRule` (its trace fields, recursions and functional step)."""
+        return self.reader.optimizer_rule
+
+    @property
+    def trace_fields(self) -> tuple[str, ...]:
+        """The optimizer trace fields this store holds (see :meth:`trace`)."""
+        return self.reader.trace_fields
+
+    @property
     def world_size(self) -> int:
         return self.reader.world_size
 

@@ -8,8 +8,9 @@ Layout (schema version 1; ``docs/store.md`` describes every array and attribute)
       log/sample  (row,)                 dataset index of each per-sample gradient row
       log/step    (row,)                 optimizer step the row entered
       log/grad    (row, projected)       projected gradient u of that sample at that step
-      trace/<field> (step, param)        SGD: lr, momentum, dampening, weight_decay, nesterov, first, active;
-                                         Adam/AdamW: lr, beta1, bias_correction1, weight_decay, active
+      trace/<field> (step, param)        the optimizer rule's trace fields (hydra_nb.optim): SGD: lr, momentum,
+                                         dampening, weight_decay, nesterov, first, active; Adam/AdamW: lr, beta1,
+                                         bias_correction1, weight_decay, active, beta2, eps, amsgrad, decoupled, step
       trace/row_end (step,)              number of log rows written through each step
       checkpoints/step (checkpoint,)     completed optimizer steps at each checkpoint
       checkpoints/params (checkpoint, parameter)   flat trainable parameters θ
@@ -43,7 +44,7 @@ from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 from zarr.core.sync import sync
 
 from .errors import StoreError, TrackingConfigError
-from .hypergrad import trace_dtype, trace_fields
+from .optim import rule_named
 from .params import ParamLayout
 from .projection import Projector
 
@@ -236,6 +237,8 @@ class StoreWriter:
         self._pending_count = 0
         self._pending_trace: list[dict] = []
         self._trace_row_ends: list[int] = []
+        # the trace arrays this store has: a resumed store written before a rule gained fields keeps its own set
+        self._trace_fields = [n for n, _ in group["trace"].arrays() if n != "row_end"] if main else []
         self._arrays: dict[str, zarr.Array] = {}  # handles, so that appends skip the group lookup
         self._length: dict[str, int] = dict(lengths)  # rows written; arrays may be longer (capacity)
         self._rows_total = lengths.get(self.part["grad"], 0)
@@ -274,8 +277,9 @@ class StoreWriter:
                     _create(g, part["row_end"], shape=(0,), chunks=(_TRACE_CHUNK,), dtype="int64",
                             dimension_names=["step"])
                     g[part["group"]].attrs["committed"] = {"steps": 0, "rows": 0}
-            for f in trace_fields(meta.get("optimizer", "SGD")):
-                _create(g, f"trace/{f}", shape=(0, P), chunks=(_TRACE_CHUNK, P), dtype=trace_dtype(f),
+            rule = rule_named(meta.get("optimizer", "SGD"))
+            for f in rule.trace_fields:
+                _create(g, f"trace/{f}", shape=(0, P), chunks=(_TRACE_CHUNK, P), dtype=rule.field_dtype(f),
                         dimension_names=["step", "param"])
             if world_size == 1:
                 _create(g, "trace/row_end", shape=(0,), chunks=(_TRACE_CHUNK,), dtype="int64",
@@ -433,9 +437,8 @@ class StoreWriter:
             self._pending_rows = [rest] if len(rest[0]) else []
             self._pending_count = len(rest[0])
         if all_rows and self._pending_trace:
-            if self.main:
-                for f in self._pending_trace[0]:
-                    self._append(f"trace/{f}", np.stack([r[f] for r in self._pending_trace]))
+            for f in self._trace_fields:
+                self._append(f"trace/{f}", np.stack([r[f] for r in self._pending_trace]))
             self._append(self.part["row_end"], np.asarray(self._trace_row_ends, dtype=np.int64))
             self._steps_total += len(self._pending_trace)
             self._pending_trace = []
@@ -598,17 +601,20 @@ class StoreReader:
         self.world_size = int(meta.get("world_size", 1))
         self.log_parts = [log_part(None)] if self.world_size == 1 else [log_part(r) for r in range(self.world_size)]
         self.optimizer = meta.get("optimizer", "SGD")
-        if self.optimizer not in ("SGD", "Adam", "AdamW"):
+        try:
+            self.optimizer_rule = rule_named(self.optimizer)
+        except KeyError:
             raise StoreError(f"The store at {where!r} was tracked with optimizer {self.optimizer!r}, which this "
-                             "hydra_nb does not know. Upgrade hydra_nb to read it.")
-        self.trace_fields = trace_fields(self.optimizer)
+                             "hydra_nb does not know. Upgrade hydra_nb to read it.") from None
         required = _REQUIRED if self.world_size == 1 else [
             n for n in _REQUIRED if not n.startswith("log/") and n != "trace/row_end"
         ] + [part[key] for part in self.log_parts for key in ("sample", "step", "grad", "row_end")]
-        required = required + [f"trace/{f}" for f in self.trace_fields]
+        # the fast recursion's fields; stores written before a rule gained more fields hold only these
+        required = required + [f"trace/{f}" for f in self.optimizer_rule.fast_fields]
         missing = [n for n in required if n not in self.group]
         if missing:
             raise StoreError(f"The store at {where!r} is damaged: missing array(s) {', '.join(missing)}.")
+        self.trace_fields = tuple(f for f in self.optimizer_rule.trace_fields if f"trace/{f}" in self.group)
         self.layout = ParamLayout.from_json(meta["params"])
         committed = meta["committed"]
         # a distributed run's steps count once every rank has committed its log up to them
@@ -721,15 +727,17 @@ class StoreReader:
     def trace(self, steps: int | None = None) -> dict[str, np.ndarray]:
         """The optimizer trace: arrays (steps, parameters) of ``self.trace_fields``.
 
-        SGD: lr, momentum, dampening, weight_decay, nesterov, first, active; Adam/AdamW: lr, beta1,
-        bias_correction1, weight_decay (decoupled), active.
+        The fields of ``self.optimizer_rule`` this store holds (docs/store.md): all of
+        ``optimizer_rule.trace_fields``, or only its ``fast_fields`` in a store written before the
+        others existed.
         """
         n = self.steps if steps is None else steps
         return {f: self._read(f"trace/{f}", slice(0, n)) for f in self.trace_fields}
 
-    def trace_arrays(self) -> dict[str, "_CheckedArray"]:
-        """The trace arrays themselves, by field, for reading a window of steps at a time."""
-        return {f: self.array(f"trace/{f}") for f in self.trace_fields}
+    def trace_arrays(self, fields=None) -> dict[str, "_CheckedArray"]:
+        """The trace arrays themselves, by field (default: the fast recursion's fields), for reading a window of
+        steps at a time."""
+        return {f: self.array(f"trace/{f}") for f in (self.optimizer_rule.fast_fields if fields is None else fields)}
 
     def params_at(self, checkpoint: int = -1) -> np.ndarray:
         """Flat trainable parameters θ at a checkpoint (index into ``checkpoint_steps``)."""

@@ -24,7 +24,8 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 import hydra_nb
-from hydra_nb.hypergrad import TRACE_FIELDS, response_coefficients, transitions
+from hydra_nb.hypergrad import response_coefficients
+from hydra_nb.optim import AdamRule, SGDRule
 from hydra_nb.params import ParamLayout
 from hydra_nb.projection import Projector
 from hydra_nb.query import ClassMatrix, TopK
@@ -77,8 +78,7 @@ def synthetic_store(path, model, N, *, epochs=2, batch=16, projection_dim=None, 
         perm = rng.permutation(N)
         for b in range(0, N, batch):
             samples = perm[b:b + batch]
-            row = {f: np.zeros(P) for f in TRACE_FIELDS[:4]}
-            row.update({f: np.zeros(P, dtype=bool) for f in TRACE_FIELDS[4:]})
+            row = SGDRule().empty_row(P)
             for i, slot in enumerate(layout.slots):
                 g = opt.param_groups[slot.group]
                 row["lr"][i] = g["lr"] * (0.97 ** step)  # a schedule
@@ -115,7 +115,7 @@ def reference_h(store, checkpoint=-1):
     H = np.zeros((store.n_train, store.projector.dim))
     if S == 0:
         return H
-    coef = response_coefficients(store.trace(S), [S])[0]  # (S, P)
+    coef = response_coefficients(store.trace(S), [S], store.optimizer_rule)[0]  # (S, P)
     end = int(store.group["trace/row_end"][S - 1])
     samples = np.asarray(store.group["log/sample"][:end])
     steps = np.asarray(store.group["log/step"][:end])
@@ -214,7 +214,7 @@ def test_adam_response_coefficients_match_a_scalar_simulation():
     T, P = 25, 4
     trace = random_adam_trace(T, P)
     stops = [25, 9, 17]
-    got = response_coefficients(trace, stops)
+    got = response_coefficients(trace, stops, AdamRule())
     for j, S in enumerate(stops):
         for t0 in range(S):
             for p in range(P):
@@ -237,9 +237,10 @@ def test_sweep_matches_response_coefficients(monkeypatch, trace_block, segment_b
     monkeypatch.setattr(q, "_SEGMENT_BYTES", segment_bytes)  # segments of one step
     T, P = 60, 3
     trace = random_trace(T, P) if kind == "sgd" else random_adam_trace(T, P)
+    rule = SGDRule() if kind == "sgd" else AdamRule()
     stops = np.array([60, 12, 37, 5])
-    ref = response_coefficients(trace, stops)  # (4, 60, 3)
-    sweep = CoefficientSweep(trace, stops, transitions)
+    ref = response_coefficients(trace, stops, rule)  # (4, 60, 3)
+    sweep = CoefficientSweep(trace, stops, rule.transitions)
     # descending blocks of distinct steps, adjacent blocks sharing their boundary step (as log blocks do)
     for lo, hi in [(50, 60), (41, 51), (41, 42), (20, 42), (3, 21), (0, 4)]:
         steps = np.unique(np.random.default_rng(lo).integers(lo, hi, 6).tolist() + [lo, hi - 1])
@@ -248,7 +249,7 @@ def test_sweep_matches_response_coefficients(monkeypatch, trace_block, segment_b
     # out of order: restarts from the top and is still right
     np.testing.assert_allclose(sweep.at(np.array([30, 55])), ref[:, [30, 55]], rtol=1e-13, atol=1e-15)
     # steps at or after every stop are zero
-    np.testing.assert_array_equal(CoefficientSweep(trace, [10], transitions).at(np.array([10, 11])), 0.0)
+    np.testing.assert_array_equal(CoefficientSweep(trace, [10], rule.transitions).at(np.array([10, 11])), 0.0)
 
 
 # ------------------------------------------------------------------------------------------

@@ -19,7 +19,6 @@ from torch.utils.data import TensorDataset
 import hydra_nb
 from hydra_nb.data import default_loss
 from hydra_nb.errors import UnsupportedQuery
-from hydra_nb.hypergrad import transitions
 from hydra_nb.query import smallest_k
 from hydra_nb.sources import SOURCES, HypergradientSource, TestPoints, positions
 from hydra_nb.sources.fast import FastSource
@@ -91,7 +90,7 @@ def test_the_sweep_runs_the_transitions_its_source_gives(fast64):
 
     def spy(trace):
         calls.append(len(next(iter(trace.values()))))
-        return transitions(trace)
+        return store.reader.optimizer_rule.transitions(trace)
 
     X, Y = make_test_points(2)
     tests = points_of(model, X, Y)
@@ -137,6 +136,7 @@ class _StoreView:
     def __init__(self, reader):
         self.reader, self.group, self.projector, self.n_train = reader, reader.group, reader.projector, reader.n_train
         self.checkpoint_steps, self.trace = reader.checkpoint_steps, reader.trace
+        self.optimizer_rule = reader.optimizer_rule
 
 
 def test_a_third_source_answers_queries_through_the_same_functions(fast64, monkeypatch):

@@ -137,10 +137,20 @@ def _interrupted_run(path, mode, fail_at, opt_name="sgd"):
     return saved
 
 
-@pytest.mark.parametrize("mode,opt_name", [("fast", "sgd"), ("exact", "sgd"), ("fast", "adamw")])
-def test_resume_after_an_interruption_equals_an_uninterrupted_run(tmp_path, mode, opt_name):
+@pytest.mark.parametrize("mode,opt_name,old_store", [("fast", "sgd", False), ("exact", "sgd", False),
+                                                     ("fast", "adamw", False), ("fast", "adamw", True)])
+def test_resume_after_an_interruption_equals_an_uninterrupted_run(tmp_path, mode, opt_name, old_store):
+    """``old_store``: the interrupted store lacks the trace fields a rule gained later (Adam's beta2, eps, amsgrad,
+    decoupled, step), as one written by an older hydra_nb: it still reads, and resumes keeping its own fields."""
     path = tmp_path / "a.zarr"
     saved = _interrupted_run(path, mode, fail_at=10, opt_name=opt_name)  # at the start of epoch 3
+    rule = hydra_nb.open_store(path).optimizer_rule
+    if old_store:
+        import shutil
+
+        assert set(rule.trace_fields) > set(rule.fast_fields)
+        for f in set(rule.trace_fields) - set(rule.fast_fields):
+            shutil.rmtree(path / "trace" / f)
     store = hydra_nb.open_store(path)
     assert store.steps == 10 and store.status.startswith("interrupted at step 10")
     run_id = store.meta["run_id"]
@@ -174,6 +184,10 @@ def test_resume_after_an_interruption_equals_an_uninterrupted_run(tmp_path, mode
                 opt.step()
     whole = hydra_nb.open_store(tmp_path / "b.zarr")
     assert list(whole.checkpoint_steps) == list(resumed.checkpoint_steps) == [0, 5, 10, 15]
+    assert whole.trace_fields == rule.trace_fields
+    assert resumed.trace_fields == (rule.fast_fields if old_store else rule.trace_fields)
+    for f in resumed.trace_fields:
+        np.testing.assert_array_equal(resumed.trace()[f], whole.trace()[f])
     np.testing.assert_allclose(resumed.contributions(net, TEST_X, TEST_Y), whole.contributions(net, TEST_X, TEST_Y),
                                rtol=1e-9, atol=1e-13)
     if mode == "exact":

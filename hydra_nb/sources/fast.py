@@ -35,7 +35,6 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .. import hypergrad
 from . import HypergradientSource, Progress, TestPoints, itemsize, positions
 
 _MAX_BLOCK_BYTES = 32 << 20  # rows per log block: big enough to amortise, small enough to overlap reads
@@ -47,15 +46,14 @@ class FastSource(HypergradientSource):
     """Hypergradients from the gradient log (any store: on an exact store, the estimate for its tracked samples).
 
     ``transitions(trace) -> (A, e)``: the optimizer's fast-recursion transitions, which the
-    coefficient sweep runs backwards (default: ``hydra_nb.hypergrad.transitions``, which reads the
-    optimizer from the trace's fields).
+    coefficient sweep runs backwards (default: the store's optimizer rule's, ``OptimizerRule.transitions``).
     """
 
     mode = "fast"
 
     def __init__(self, reader, transitions: Callable | None = None):
         super().__init__(reader)
-        self.transitions = hypergrad.transitions if transitions is None else transitions
+        self.transitions = reader.optimizer_rule.transitions if transitions is None else transitions
         wide = np.dtype(reader.group[reader.log_parts[0]["grad"]].dtype) == np.float64 or \
             np.dtype(reader.group["checkpoints/params"].dtype) == np.float64
         self.dtype = torch.float64 if wide else torch.float32  # compute dtype: float64 if the log or θ is
@@ -239,7 +237,7 @@ def _read_block(arrays, start: int, stop: int, buffer: np.ndarray | None):
 class CoefficientSweep:
     """c[s, t, p] = response of parameter p's h at step ``stops[s]`` to a unit injection at step t.
 
-    The same numbers as ``hypergrad.response_coefficients(trace, stops)``, computed by the
+    The same numbers as ``hypergrad.response_coefficients(trace, stops, rule)``, computed by the
     backward recursion ρ_t = ρ_{t+1}·A_t, c_t = ρ_{t+1}·e_t (ρ_S = [1, 0]) for the steps asked
     for, in descending order, reading the trace ``_TRACE_BLOCK`` steps at a time: memory is the
     state ρ (n_stops × P × 2), one segment's temporaries (< ``_SEGMENT_BYTES``) and the answer,
