@@ -206,7 +206,10 @@ class Run:
         new = {}
         for n in self.names:
             if not step.active[n]:
-                new[n] = theta[n]
+                # skipped by the optimizer: a new graph node, not the same tensor, so that the next step's
+                # gradient with respect to it is the partial derivative (the same tensor is an ancestor of the
+                # other parameters' updates, and autograd.grad would add those paths)
+                new[n] = theta[n].clone()
                 continue
             hp = step.hyper[self.group_of_name[n]]
             lr, mom, damp, wd, nest = hp["lr"], hp["momentum"], hp["dampening"], hp["weight_decay"], hp["nesterov"]
@@ -621,7 +624,10 @@ class AdamRun(Run):
         new = {}
         for n in self.names:
             if not step.active[n]:
-                new[n] = theta[n]
+                # skipped by the optimizer: a new graph node, not the same tensor, so that the next step's
+                # gradient with respect to it is the partial derivative (the same tensor is an ancestor of the
+                # other parameters' updates, and autograd.grad would add those paths)
+                new[n] = theta[n].clone()
                 continue
             hp = step.hyper[self.group_of_name[n]]
             lr, b1, b2, eps, wd = hp["lr"], hp["beta1"], hp["beta2"], hp["eps"], hp["weight_decay"]

@@ -107,6 +107,16 @@ class ReplayRecorder:
         self.fingerprint: dict | None = None
         self.steps_checked = 0
 
+    def resume(self, stored: dict | None, has_record: bool) -> None:
+        """Continue the record of a resumed run: its fingerprint, or why it does not replay."""
+        if stored is None or not has_record:
+            self.problem = ("it was resumed from a store recorded before hydra_nb recorded what replay needs, so its "
+                            "first steps have no record")
+            return
+        self.fingerprint = stored.get("fingerprint")
+        if not stored.get("supported", False):
+            self.problem = stored.get("reason") or "tracking found it could not be replayed"
+
     @property
     def supported(self) -> bool:
         return self.problem is None

@@ -25,13 +25,13 @@ REPLAY_ARRAYS = ("replay/sample", "replay/weight", "replay/call_end", "replay/ca
 def replay_problem(reader) -> str | None:
     """Why the run in ``reader`` cannot be replayed, or None if it can."""
     info = reader.meta.get("replay")
+    if int(reader.meta.get("world_size", 1)) > 1:
+        return "it is a distributed (DDP) run, which replay does not reproduce yet"
     if info is None or any(name not in reader.group for name in REPLAY_ARRAYS):
         return ("it was recorded before hydra_nb recorded what replay needs (or by a hydra_nb that did not); "
                 "track the run again with this version to get exact answers by replay")
     if not info.get("supported", False):
         return info.get("reason") or "tracking found it could not be replayed"
-    if int(reader.meta.get("world_size", 1)) > 1:
-        return "it is a distributed (DDP) run, which replay does not reproduce yet"
     return None
 
 
@@ -49,7 +49,7 @@ class StoreRecording:
         self.checkpoint_steps = np.asarray(reader.checkpoint_steps)
         self.rule = reader.optimizer_rule
         committed = reader.meta["committed"]
-        self._n_calls = int(committed.get("replay_calls", 0))
+        self._n_calls = int(committed.get("replay_call_end", 0))  # calls committed
         step_end = reader.array("replay/step_end")
         if len(self.checkpoint_steps) and self.checkpoint_steps[-1] > 0:
             need = int(np.asarray(step_end[int(self.checkpoint_steps[-1]) - 1]))
