@@ -149,13 +149,18 @@ class GradientCapture:
     # -- lifecycle -----------------------------------------------------------------------
     def attach(self) -> None:
         if self.keep_root_calls:
-            # the root model's calls: exact mode's HVPs, BatchNorm's per-sample gradients, replay's record
-            self._handles.append(self.model.register_forward_pre_hook(self._root_pre_hook))
+            # the root model's calls: exact mode's HVPs, BatchNorm's per-sample gradients, replay's record.
+            # Hooks are closures, not bound methods: a copy.deepcopy of the model (a notebook taking a snapshot)
+            # then shares them instead of deep-copying this capture, its loader tap and the loader
+            self._handles.append(self.model.register_forward_pre_hook(
+                lambda module, args: self._root_pre_hook(module, args)))
             if self.batchnorm is not None:
                 for module in self.model.modules():
                     if isinstance(module, _BATCHNORM):
-                        self._handles.append(module.register_forward_pre_hook(self._bn_record_hook))
-            self._handles.append(self.model.register_forward_hook(self._root_hook, with_kwargs=True))
+                        self._handles.append(module.register_forward_pre_hook(
+                            lambda m, args: self._bn_record_hook(m, args)))
+            self._handles.append(self.model.register_forward_hook(
+                lambda module, args, kwargs, output: self._root_hook(module, args, kwargs, output), with_kwargs=True))
         if self.batchnorm is not None or not self.per_sample:
             return  # BatchNorm: the whole model's per-sample gradients come from its root calls
         for owner in self.owners:
@@ -167,7 +172,7 @@ class GradientCapture:
             self._handles.append(owner.module.register_forward_hook(hook, with_kwargs=owner.rule.deferred))
         for module in self.model.modules():
             if isinstance(module, _BATCHNORM):
-                self._handles.append(module.register_forward_pre_hook(self._batchnorm_guard))
+                self._handles.append(module.register_forward_pre_hook(lambda m, args: self._batchnorm_guard(m, args)))
 
     def detach(self) -> None:
         for h in self._handles:
