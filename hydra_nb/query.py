@@ -226,6 +226,7 @@ class Store:
         self.loss_fn = loss_fn
         self._custom_loss = bool(self.meta["config"].get("custom_loss"))
         self._sources: dict[str, HypergradientSource] = {}
+        self._replay_source: tuple | None = None  # (key, the last replay source asked for)
 
     # -- the run, as its reader sees it ---------------------------------------------------------
     @property
@@ -371,7 +372,10 @@ class Store:
                 raise ValueError(
                     "Exact answers for this store come from replaying the run, which needs the training data: pass "
                     "train_data=(inputs, targets) or the tracked loader's dataset (train_data=loader.dataset).")
-            return cls(self.reader, train_data, tolerance=replay_tolerance)
+            key = (mode, id(train_data), replay_tolerance)  # the last one is kept: its .drift says how it replayed
+            if self._replay_source is None or self._replay_source[0] != key:
+                self._replay_source = (key, cls(self.reader, train_data, tolerance=replay_tolerance))
+            return self._replay_source[1]
         if mode not in self._sources:
             if (why := cls.unavailable(self.reader)) is not None:
                 raise cls.unavailable_error(why)
