@@ -518,7 +518,7 @@ class Store:
     def __repr__(self) -> str:
         return (f"<hydra_nb.Store {str(self.path)!r}: {self.mode} mode, {len(self.tracked_indices)} tracked of "
                 f"{self.n_train} samples, {self.steps} steps, {len(self.checkpoint_steps)} checkpoints, "
-                f"{self.status}>")
+                f"{self.status}, {'replays' if self.replays else 'no replay'}>")
 
     def _epochs(self) -> str:
         every = self.meta.get("config", {}).get("checkpoint_every")
@@ -571,6 +571,8 @@ class Store:
             ("log rows", f"{int(meta.get('committed', {}).get('rows', 0)):,} ({cfg.get('store_dtype', '?')})"),
             ("size on disk", "unknown" if size is None else format_bytes(size)),
             ("status", self.status),
+            ("exact answers", "by replay, for every sample (mode='exact', train_data=...)" if self.replays
+             else self.replay_status),
         ]
         body = "".join(f"<tr><th style='text-align:left'>{html.escape(k)}</th>"
                        f"<td style='text-align:left'>{html.escape(str(v))}</td></tr>" for k, v in rows)
