@@ -34,6 +34,7 @@ an interval longer than L is replayed once keeping every ⌈n/L⌉-th state, the
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
@@ -104,7 +105,8 @@ class Replayer:
 
     def __init__(self, recording: Recording, model: nn.Module, rule, batch: Callable, loss_fn: Callable, *,
                  device: torch.device, dtype: torch.dtype, tolerance: float | None = None,
-                 state_memory: int = 256 << 20, cotangent_chunk: int = 64, progress=None):
+                 state_memory: int = 256 << 20, cotangent_chunk: int = 64, progress=None,
+                 vjp_method: str = "auto"):
         self.rec = recording
         self.model = model
         self.rule = rule
@@ -118,6 +120,9 @@ class Replayer:
         self.layout = recording.layout
         self.names = [s.name for s in self.layout.slots]
         self.drift: dict[int, float] = {}  # checkpoint index → relative drift measured on arrival
+        self.vjp_method = vjp_method  # "auto", "batched" or "loop" (see _batched_vjp)
+        self.graph_bytes = 0  # measured: one step's kept graph (its saved tensors) and state
+        self.vjp_seconds: dict[str, float] = {}
         self._batches: dict[int, list] = {}
 
     # -- the weighted batch loss of one step ----------------------------------------------------
@@ -264,15 +269,47 @@ class Replayer:
         span = _Span(lo, self.rec.trace_rows(lo, hi), self.rec.calls(lo, hi), self._buffers(c))
         start = self._start(c)
         capacity = self._capacity(start)
+        if hi - lo <= capacity:
+            graphs = self._replay_graphs(span, lo, hi, start, c)
+            if graphs is not None:  # the whole interval's step graphs fit: no second forward pass
+                for t in range(hi - 1, lo - 1, -1):
+                    self._vjp(graphs.pop(), walk)
+                    self._tick()
+                return
         stride = 1 if hi - lo <= capacity else -(-(hi - lo) // capacity)
         kept, arrived = self._replay(span, lo, hi, start, stride, arrive=True)
         self._check_arrival(c + 1, arrived)
         self._walk_back(span, lo, hi, kept, stride, walk)
 
+    def _replay_graphs(self, span: "_Span", lo: int, hi: int, start: State, c: int) -> list | None:
+        """Replay the interval building each step's graph, and keep them all, if they fit in the state memory
+        (the first step's saved tensors are counted: ``graph_bytes``); else None, having replayed one step."""
+        graphs, state = [], start
+        for t in range(lo, hi):
+            if t == lo:
+                counted = [0]
+
+                def pack(x):
+                    counted[0] += x.numel() * x.element_size()
+                    return x
+
+                with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+                    graph = self._graph(t, state, span)
+                self.graph_bytes = counted[0] + start.nbytes()
+                if self.graph_bytes * (hi - lo) > self.state_memory:
+                    return None
+            else:
+                graph = self._graph(t, state, span)
+            graphs.append(graph)
+            state = graph.after
+            self._tick()
+        self._check_arrival(c + 1, state)
+        return graphs
+
     def _walk_back(self, span: "_Span", lo: int, hi: int, kept: dict, stride: int, walk: "_Walk") -> None:
         if stride == 1:
             for t in range(hi - 1, lo - 1, -1):
-                self._vjp(t, kept.pop(t), span, walk)
+                self._vjp(self._graph(t, kept.pop(t), span), walk)
                 self._tick()
             return
         for a in sorted(kept, reverse=True):  # each piece from its kept state, recursively
@@ -283,8 +320,9 @@ class Replayer:
             sub_kept, _ = self._replay(span, a, b, start, sub, arrive=False)
             self._walk_back(span, a, b, sub_kept, sub, walk)
 
-    def _vjp(self, t: int, state: State, span: "_Span", walk: "_Walk") -> None:
-        """One step back, in place on ``walk``: (a_t, ā_t) and d_t from (a_{t+1}, ā_{t+1}) for its live rows."""
+    def _graph(self, t: int, state: State, span: "_Span") -> "_StepGraph":
+        """Step t as a differentiable function of (θ_t, s_t, w): its outputs (θ_{t+1}, s_{t+1}, the ones that
+        depend on the inputs) with the gradient's graph built (``create_graph``), ready for VJPs."""
         row, calls = span.rows[t - span.lo], span.calls[t - span.lo]
         params = [p.detach().requires_grad_(True) for p in state.params]
         opt = {f: [None if s is None else s.detach().requires_grad_(True) for s in v] for f, v in state.opt.items()}
@@ -294,7 +332,6 @@ class Replayer:
             loss = self.loss(t, calls, params, span.buffers, w)
             grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
             new_params, new_opt = self.rule.functional_step(params, self._gradients(params, grads, row), opt, row)
-        # outputs that depend on the inputs, and the adjoints they receive
         outputs, cot_of = [], []
         for k, p in enumerate(new_params):
             if p.requires_grad:
@@ -306,6 +343,13 @@ class Replayer:
                     outputs.append(s)
                     cot_of.append((f, k))
         inputs = params + [s for v in opt.values() for s in v if s is not None] + [w]
+        after = State([p.detach() for p in new_params],
+                      {f: [None if s is None else s.detach() for s in v] for f, v in new_opt.items()})
+        return _StepGraph(outputs, cot_of, inputs, len(params), opt, samples, after)
+
+    def _vjp(self, graph: "_StepGraph", walk: "_Walk") -> None:
+        """One step back, in place on ``walk``: (a_t, ā_t) and d_t from (a_{t+1}, ā_{t+1}) for its live rows."""
+        outputs, cot_of, inputs, samples, opt = graph.outputs, graph.cot_of, graph.inputs, graph.samples, graph.opt
         views = list(self.layout.unflatten(walk.adj).values())  # (m, *shape) views of a_{t+1}
         cols = walk.col[torch.from_numpy(samples)] if len(samples) else torch.zeros(0, dtype=torch.int64)
         wanted = cols >= 0
@@ -324,10 +368,10 @@ class Replayer:
                     cots.append(prev[a:b] if prev is not None else
                                 torch.zeros((b - a, *outputs[len(cots)].shape), dtype=self.dtype, device=self.device))
             got = self._batched_vjp(outputs, inputs, cots)
-            for k in range(len(params)):
+            for k in range(graph.n_params):
                 if got[k] is not None:
                     new_views[k][a:b] = got[k]
-            pos = len(params)
+            pos = graph.n_params
             for f, v in opt.items():
                 for k, s in enumerate(v):
                     if s is not None:
@@ -341,26 +385,63 @@ class Replayer:
         walk.state = new_state
 
     def _batched_vjp(self, outputs, inputs, cots) -> list:
-        """The VJP of ``outputs`` w.r.t. ``inputs`` for a batch of cotangents (vmap), or one at a time
-        where an operation has no batching rule."""
+        """The VJP of ``outputs`` w.r.t. ``inputs`` for a batch of cotangents: vmapped over the batch
+        (``is_grads_batched``) or one cotangent at a time (the graph kept between them). Same numbers either
+        way; which is faster depends on the model and the device (a conv net's double-backward batches poorly
+        on the CPU), so with more than one cotangent the first step times both and the walk keeps the faster
+        (``vjp_method``; ``vjp_seconds`` holds the timings)."""
         if not outputs:
             return [None] * len(inputs)
-        if self._batched:
-            try:
-                return list(torch.autograd.grad(outputs, inputs, grad_outputs=cots, retain_graph=True,
-                                                allow_unused=True, is_grads_batched=True))
-            except RuntimeError:
-                self._batched = False
         n = cots[0].shape[0]
-        rows = [torch.autograd.grad(outputs, inputs, grad_outputs=[c[i] for c in cots], retain_graph=True,
-                                    allow_unused=True) for i in range(n)]
-        return [None if rows[0][j] is None else torch.stack([r[j] for r in rows]) for j in range(len(inputs))]
+        if n == 1:
+            return [None if g is None else g.unsqueeze(0) for g in torch.autograd.grad(
+                outputs, inputs, grad_outputs=[c[0] for c in cots], retain_graph=True, allow_unused=True)]
+        if self.vjp_method == "auto":
+            timed = {}
+            for method in ("batched", "loop"):
+                start = time.perf_counter()
+                try:
+                    got = getattr(self, f"_vjp_{method}")(outputs, inputs, cots)
+                except RuntimeError:  # an operation without a batching rule: the loop it is
+                    continue
+                timed[method] = time.perf_counter() - start
+            self.vjp_seconds = timed
+            self.vjp_method = min(timed, key=timed.get)
+            return got
+        if self.vjp_method == "batched":
+            try:
+                return self._vjp_batched(outputs, inputs, cots)
+            except RuntimeError:
+                self.vjp_method = "loop"
+        return self._vjp_loop(outputs, inputs, cots)
 
-    _batched = True
+    @staticmethod
+    def _vjp_batched(outputs, inputs, cots) -> list:
+        return list(torch.autograd.grad(outputs, inputs, grad_outputs=cots, retain_graph=True, allow_unused=True,
+                                        is_grads_batched=True))
+
+    @staticmethod
+    def _vjp_loop(outputs, inputs, cots) -> list:
+        rows = [torch.autograd.grad(outputs, inputs, grad_outputs=[c[i] for c in cots], retain_graph=True,
+                                    allow_unused=True) for i in range(cots[0].shape[0])]
+        return [None if rows[0][j] is None else torch.stack([r[j] for r in rows]) for j in range(len(inputs))]
 
     def _tick(self) -> None:
         if self.progress is not None:
             self.progress.update()
+
+
+@dataclass
+class _StepGraph:
+    """One step as a function of its inputs (θ_t, s_t, w), with the graph of its gradient kept."""
+
+    outputs: list  # θ_{t+1} and s_{t+1} tensors that depend on the inputs
+    cot_of: list  # for each output: ("param", k) or (state field, k)
+    inputs: list  # θ_t per parameter, s_t per present state tensor, then w (the step's rows)
+    n_params: int
+    opt: dict  # s_t leaves (None where absent)
+    samples: np.ndarray  # the dataset index of each row of w
+    after: State  # θ_{t+1}, s_{t+1} detached: the next step's start
 
 
 @dataclass
