@@ -37,3 +37,10 @@ class StoreError(HydraError, OSError):
 
 class UnsupportedQuery(HydraError, ValueError):
     """A query asked a hypergradient source for an operation it does not have; the message names the modes that do."""
+
+
+class ReplayError(HydraError, RuntimeError):
+    """Replaying a tracked run did not reproduce it (or it cannot be replayed): no exact answer is returned.
+
+    The message names the checkpoint where the replay drifted, by how much, and the likely causes.
+    """

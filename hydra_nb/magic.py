@@ -392,9 +392,13 @@ class HydraMagics(Magics):
             return
         path, loss_fn = self._last
         try:
-            print(repr(open_store(path, loss_fn=loss_fn)))
+            store = open_store(path, loss_fn=loss_fn)
         except HydraError as err:
             print(f"hydra_nb: {err}")
+            return
+        print(repr(store))  # "replays": store.contributions(..., mode='exact', train_data=...) is exact for every sample
+        if not store.replays:
+            print(f"hydra_nb: no exact answers by replay: this run {store.replay_status}.")
 
 
 def _made_by(origin: dict | None) -> str:

@@ -27,7 +27,7 @@ import torch
 from .errors import TrackingConfigError
 from .hypergrad import HVP_METHODS
 
-MODES = ("fast", "exact")
+MODES = ("fast", "exact", "replay")
 STORE_DTYPES = ("float16", "float32", "float64")
 BATCHNORM_CHOICES = ("exact", "fixed")
 
@@ -89,7 +89,9 @@ class TrackOptions:
 
     mode: str = field(default="fast", metadata={
         "flag": "--mode", "choices": MODES,
-        "help": "fast: all samples, no Hessian terms; exact: with Hessian-vector products."})
+        "help": "fast: all samples' projected rows (instant, approximate views); exact: also Hessian-vector products "
+                "for exact_indices; replay: only what replaying the run needs (exact answers for every sample by "
+                "replay, no rows: the cheapest recording). Every mode records what replay needs."})
     projection_dim: int | None = field(default=1024, metadata={
         "flag": "--dim", "parse": _parse_dim, "metavar": "K",
         "help": "Projection dimension; 'none' or 'full' for the full parameter dimension.",
@@ -137,7 +139,7 @@ class TrackOptions:
 
     def __post_init__(self):
         if self.mode not in MODES:
-            raise OptionError(lambda n: f"{n('mode')} must be 'fast' or 'exact', got {self.mode!r}.")
+            raise OptionError(lambda n: f"{n('mode')} must be 'fast', 'exact' or 'replay', got {self.mode!r}.")
         dim = self.projection_dim
         if dim is not None and (not _is_int(dim) or dim < 1):
             raise OptionError(lambda n: f"{n('projection_dim')} must be positive: an int ≥ 1, or None for the full "

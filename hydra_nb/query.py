@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from .data import as_pair, check_points, default_loss
+from .replay import replay_problem
 from .sources import (DEFAULT_MEMORY_BUDGET, SOURCES, HypergradientSource, Progress, TestPoints, positions,
                       test_gradients)
 from .store import StoreReader
@@ -225,6 +226,7 @@ class Store:
         self.loss_fn = loss_fn
         self._custom_loss = bool(self.meta["config"].get("custom_loss"))
         self._sources: dict[str, HypergradientSource] = {}
+        self._replay_source: tuple | None = None  # (key, the last replay source asked for)
 
     # -- the run, as its reader sees it ---------------------------------------------------------
     @property
@@ -349,17 +351,47 @@ class Store:
         return np.arange(per_epoch, self.steps + 1, per_epoch, dtype=np.float64)
 
     # -- sources and arguments ------------------------------------------------------------------
-    def source(self, mode: str | None = None) -> HypergradientSource:
-        """The hypergradient source queries with this ``mode`` use (None: the store's own mode)."""
+    def source(self, mode: str | None = None, *, train_data=None,
+               replay_tolerance: float | None = None) -> HypergradientSource:
+        """The hypergradient source queries with this ``mode`` use.
+
+        None: the store's own mode. ``"exact"``: the recorded ``exact/h`` of an exact-mode store, else the
+        replay of the run (all training samples; needs ``train_data``). ``"replay"``: the replay, whatever
+        the store. ``"fast"``: the Hessian-free estimate from the log.
+        """
         mode = self.mode if mode is None else mode
+        if mode == "exact" and self.mode != "exact":
+            mode = "replay"
         if mode not in SOURCES:
             raise ValueError(f"mode must be {', '.join(map(repr, SOURCES))} or None, got {mode!r}.")
-        if mode not in self._sources:
-            cls = SOURCES[mode]
+        cls = SOURCES[mode]
+        if cls.needs_training_data:
             if (why := cls.unavailable(self.reader)) is not None:
-                raise ValueError(why)
+                raise cls.unavailable_error(why)
+            if train_data is None:
+                raise ValueError(
+                    "Exact answers for this store come from replaying the run, which needs the training data: pass "
+                    "train_data=(inputs, targets) or the tracked loader's dataset (train_data=loader.dataset).")
+            key = (mode, id(train_data), replay_tolerance)  # the last one is kept: its .drift says how it replayed
+            if self._replay_source is None or self._replay_source[0] != key:
+                self._replay_source = (key, cls(self.reader, train_data, tolerance=replay_tolerance))
+            return self._replay_source[1]
+        if mode not in self._sources:
+            if (why := cls.unavailable(self.reader)) is not None:
+                raise cls.unavailable_error(why)
             self._sources[mode] = cls(self.reader)
         return self._sources[mode]
+
+    @property
+    def replays(self) -> bool:
+        """Whether exact answers by replay are available for this run (see :attr:`replay_status`)."""
+        return replay_problem(self.reader) is None
+
+    @property
+    def replay_status(self) -> str:
+        """``"replays"``, or why the run cannot be replayed."""
+        problem = replay_problem(self.reader)
+        return "replays" if problem is None else f"does not replay: {problem}"
 
     def _loss(self, loss_fn):
         if loss_fn is not None:
@@ -389,7 +421,8 @@ class Store:
 
     def contributions(self, model: nn.Module, inputs, targets, mode: str | None = None, *, loss_fn=None,
                       checkpoint: int = -1, engine: str = "numpy", progress=None,
-                      memory_budget: int | None = None) -> np.ndarray:
+                      memory_budget: int | None = None, train_data=None,
+                      replay_tolerance: float | None = None) -> np.ndarray:
         """contributions[j, i] = −∂L(z_j; θ_T)/∂w_i for test samples z_j = (inputs[j], targets[j]).
 
         Columns follow ``tracked_indices``. Positive: training sample i lowered z_j's loss.
@@ -397,7 +430,8 @@ class Store:
         Computed block by block (see :mod:`hydra_nb.sources.fast`); ``engine="dask"`` computes the
         same numbers with dask from ``dask.array.from_zarr`` (any active scheduler or cluster).
         """
-        source, engine, budget = self.source(mode), _check_engine(engine), _budget(memory_budget)
+        source = self.source(mode, train_data=train_data, replay_tolerance=replay_tolerance)
+        engine, budget = _check_engine(engine), _budget(memory_budget)
         c = self.reader.checkpoint_index(checkpoint)
         tests = self._tests(model, inputs, targets, loss_fn)
         with Progress(progress, "contributions") as bar:
@@ -405,20 +439,23 @@ class Store:
 
     def trajectory(self, model: nn.Module, inputs, targets, train_indices, mode: str | None = None, *,
                    loss_fn=None, engine: str = "numpy", progress=None,
-                   memory_budget: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+                   memory_budget: int | None = None, train_data=None,
+                   replay_tolerance: float | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Contributions of ``train_indices`` for training stopped at each checkpoint.
 
         Returns (steps, values) with steps (n_checkpoints,) and values
         (n_test, n_checkpoints, len(train_indices)). One pass over the log for all checkpoints.
         """
-        source, engine, budget = self.source(mode), _check_engine(engine), _budget(memory_budget)
+        source = self.source(mode, train_data=train_data, replay_tolerance=replay_tolerance)
+        engine, budget = _check_engine(engine), _budget(memory_budget)
         tests = self._tests(model, inputs, targets, loss_fn)
         with Progress(progress, "trajectory") as bar:
             return trajectory(source, tests, train_indices, budget=budget, engine=engine, progress=bar)
 
     def top_k(self, model: nn.Module, inputs, targets, k: int = 10, mode: str | None = None, *, loss_fn=None,
               checkpoint: int = -1, engine: str = "numpy", progress=None,
-              memory_budget: int | None = None) -> TopK:
+              memory_budget: int | None = None, train_data=None,
+              replay_tolerance: float | None = None) -> TopK:
         """The ``k`` most helpful and most harmful tracked training samples for each test point.
 
         Returns a :class:`TopK` of (n_test, k) arrays: dataset indices and their contributions,
@@ -426,7 +463,8 @@ class Store:
         Test points are processed in groups whose (group × N) accumulator fits half the budget
         (at least one test point), one pass over the log per group.
         """
-        source, engine, budget = self.source(mode), _check_engine(engine), _budget(memory_budget)
+        source = self.source(mode, train_data=train_data, replay_tolerance=replay_tolerance)
+        engine, budget = _check_engine(engine), _budget(memory_budget)
         c = self.reader.checkpoint_index(checkpoint)
         tests = self._tests(model, inputs, targets, loss_fn)
         with Progress(progress, "top_k") as bar:
@@ -457,7 +495,8 @@ class Store:
 
     def class_matrix(self, model: nn.Module, train_labels, test_inputs, test_targets, mode: str | None = None, *,
                      loss_fn=None, checkpoint: int = -1, engine: str = "numpy", progress=None,
-                     memory_budget: int | None = None) -> ClassMatrix:
+                     memory_budget: int | None = None, train_data=None,
+                     replay_tolerance: float | None = None) -> ClassMatrix:
         """Mean contribution of each training class to each test class (the paper's label analysis).
 
         ``train_labels``: (N,) class of every training sample by dataset index (only tracked
@@ -467,7 +506,8 @@ class Store:
         this sums test gradients per test class and rows per training class: one pass over the
         log, memory independent of N and of the number of test points.
         """
-        source, engine, budget = self.source(mode), _check_engine(engine), _budget(memory_budget)
+        source = self.source(mode, train_data=train_data, replay_tolerance=replay_tolerance)
+        engine, budget = _check_engine(engine), _budget(memory_budget)
         c = self.reader.checkpoint_index(checkpoint)
         tests = self._tests(model, test_inputs, test_targets, loss_fn)
         with Progress(progress, "class_matrix") as bar:
@@ -485,7 +525,7 @@ class Store:
     def __repr__(self) -> str:
         return (f"<hydra_nb.Store {str(self.path)!r}: {self.mode} mode, {len(self.tracked_indices)} tracked of "
                 f"{self.n_train} samples, {self.steps} steps, {len(self.checkpoint_steps)} checkpoints, "
-                f"{self.status}>")
+                f"{self.status}, {'replays' if self.replays else 'no replay'}>")
 
     def _epochs(self) -> str:
         every = self.meta.get("config", {}).get("checkpoint_every")
@@ -540,6 +580,8 @@ class Store:
             ("log rows", f"{int(meta.get('committed', {}).get('rows', 0)):,} ({cfg.get('store_dtype', '?')})"),
             ("size on disk", "unknown" if size is None else format_bytes(size)),
             ("status", self.status),
+            ("exact answers", "by replay, for every sample (mode='exact', train_data=...)" if self.replays
+             else self.replay_status),
         ]
         body = "".join(f"<tr><th style='text-align:left'>{html.escape(k)}</th>"
                        f"<td style='text-align:left'>{html.escape(str(v))}</td></tr>" for k, v in rows)

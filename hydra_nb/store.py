@@ -287,17 +287,26 @@ class StoreWriter:
         self._checkpoints = lengths.get("checkpoints/step", 0)
         self._exact = exact
         self._has_buffers = has_buffers
+        # replay's record (docs/store.md, "Replay"): what has been written, and what waits for the next flush
+        self._replay = main and "replay" in group
+        self._replay_total = {name: lengths.get(f"replay/{name}", 0) for name in _REPLAY_COUNTS}
+        self._replay_pending: dict[str, list] = {name: [] for name in _REPLAY_PENDING}
+        self._state_fields = [n[len("state_"):] for n, _ in group["checkpoints"].arrays()
+                              if n.startswith("state_") and not n.endswith("_present")] if main else []
         self._thread = threading.Thread(target=self._run, name="hydra_nb-writer", daemon=True)
         self._thread.start()
 
     @classmethod
     def create(cls, path: Path, meta: dict, layout: ParamLayout, projector_arrays: dict[str, np.ndarray],
                log_width: int, log_dtype, param_dtype, buffer_size: int,
-               exact_indices: np.ndarray | None, world_size: int = 1) -> "StoreWriter":
+               exact_indices: np.ndarray | None, world_size: int = 1,
+               replay: dict | None = None) -> "StoreWriter":
         """Create a new run store at ``path`` (which ``prepare_path`` checked) and take its writer lock.
 
         With ``world_size`` W > 1 (distributed training, called on rank 0) the log is created as W
-        parts, one per rank; the other ranks then attach with :meth:`attach_rank`.
+        parts, one per rank; the other ranks then attach with :meth:`attach_rank`. ``replay``: what
+        reverse-mode replay will read (``{"meta": …, "state_fields": …}``): the ``replay/`` arrays and
+        the optimizer state at each checkpoint are created and ``attrs["hydra_nb"]["replay"]`` set.
         """
         lock = WriterLock(path)
         lock.acquire(meta["run_id"])
@@ -343,6 +352,9 @@ class StoreWriter:
                 for name in ("h", "b"):  # h = dθ/dw and its momentum twin (b is what a resumed run needs)
                     _create(g, f"exact/{name}", shape=(0, m, D), chunks=(1, rows, d_chunk), dtype=param_dtype,
                                    dimension_names=["checkpoint", "sample", "parameter"], compressors=[_FLOAT_CODEC])
+            if replay is not None:
+                _create_replay_arrays(g, P, D, d_chunk, param_dtype, replay["state_fields"])
+                meta["replay"] = replay["meta"]
             meta.update({"committed": {"steps": 0, "rows": 0, "checkpoints": 0}, "status": "running",
                          "status_detail": "", "updated": _now(), "world_size": int(world_size)})
             g.attrs["hydra_nb"] = meta
@@ -385,6 +397,10 @@ class StoreWriter:
                 if axis0 is not None and name != "exact/indices":
                     lengths[name] = axis0
             meta["committed"] = {"steps": step, "rows": rows, "checkpoints": n_ckpt}
+            if "replay" in g:
+                replay_lengths = _replay_lengths(g, meta, step)
+                lengths.update({f"replay/{name}": n for name, n in replay_lengths.items()})
+                meta["committed"].update({f"replay_{name}": n for name, n in replay_lengths.items()})
             meta["status"], meta["status_detail"] = "running", ""
             meta.setdefault("resumed", []).append({"at_step": step, "time": _now()})
             g.attrs["hydra_nb"] = meta
@@ -395,21 +411,32 @@ class StoreWriter:
         return cls(path, g, meta, log_rows, "exact" in g, "buffers" in g["checkpoints"], lengths, lock)
 
     # -- producer side (training thread) ------------------------------------------------------
-    def put_step(self, trace_row: dict[str, np.ndarray], samples: torch.Tensor, rows: torch.Tensor | None) -> None:
-        """One optimizer step: its trace row and its per-sample rows (dataset indices, projected gradients)."""
+    def put_step(self, trace_row: dict[str, np.ndarray], samples: torch.Tensor, rows: torch.Tensor | None,
+                 calls: list | None = None) -> None:
+        """One optimizer step: its trace row, its per-sample rows (dataset indices, projected gradients) and, for
+        replay, its backward calls (``hydra_nb.replay.RecordedCall``; None once the run is known not to replay)."""
         rows_item = None if rows is None else to_host(rows, copy=False)
-        self._put(("step", trace_row, samples.detach().cpu().to(torch.int64).numpy(), rows_item))
+        self._put(("step", trace_row, samples.detach().cpu().to(torch.int64).numpy(), rows_item, calls))
 
     def put_checkpoint(self, step: int, params: torch.Tensor, buffers: torch.Tensor | None,
-                       h: torch.Tensor | None = None, b: torch.Tensor | None = None) -> None:
-        """Parameters (and exact-mode h, b) after ``step`` completed steps; commits everything before it."""
+                       h: torch.Tensor | None = None, b: torch.Tensor | None = None,
+                       state: dict | None = None) -> None:
+        """Parameters (and exact-mode h, b; the optimizer's state, field → (flat values, present per parameter))
+        after ``step`` completed steps; commits everything before it."""
+        state_items = None if state is None else {
+            f: (to_host(values, copy=True), np.asarray(present, dtype=bool)) for f, (values, present) in state.items()}
         self._put(("checkpoint", step, to_host(params, copy=True),
                    None if buffers is None else to_host(buffers, copy=True),
-                   None if h is None else to_host(h, copy=True), None if b is None else to_host(b, copy=True)))
+                   None if h is None else to_host(h, copy=True), None if b is None else to_host(b, copy=True),
+                   state_items))
 
     def put_commit(self, step: int) -> None:
         """A log-only writer (rank > 0): everything through ``step`` is written; commit this rank's part."""
-        self._put(("checkpoint", step, None, None, None, None))
+        self._put(("checkpoint", step, None, None, None, None, None))
+
+    def put_replay_meta(self, replay_meta: dict) -> None:
+        """What the store says about replay (``attrs["hydra_nb"]["replay"]``), written with the next commit."""
+        self._put(("replay_meta", dict(replay_meta)))
 
     def close(self, status: str, detail: str = "") -> None:
         """Flush, commit and record the run's final status; waits for the writer thread."""
@@ -443,6 +470,8 @@ class StoreWriter:
                     self._on_step(*item[1:])
                 elif item[0] == "checkpoint":
                     self._on_checkpoint(*item[1:])
+                elif item[0] == "replay_meta":
+                    self.meta["replay"] = item[1]
                 elif item[0] == "close":
                     if self.error is None:
                         self._flush(all_rows=True)
@@ -452,7 +481,9 @@ class StoreWriter:
             except BaseException as exc:  # disk full, permissions...: keep what was committed
                 self.error = exc
 
-    def _on_step(self, trace_row, samples, rows_item) -> None:
+    def _on_step(self, trace_row, samples, rows_item, calls) -> None:
+        if self._replay and calls is not None:
+            self._record_calls(calls)
         self._pending_trace.append(trace_row)
         if rows_item is not None and len(samples):
             rows = _numpy(rows_item)
@@ -477,6 +508,8 @@ class StoreWriter:
             rest = (samples[n:], steps[n:], rows[n:])
             self._pending_rows = [rest] if len(rest[0]) else []
             self._pending_count = len(rest[0])
+        if all_rows and self._replay:
+            self._flush_replay()
         if all_rows and self._pending_trace:
             for f in self._trace_fields:
                 self._append(f"trace/{f}", np.stack([r[f] for r in self._pending_trace]))
@@ -485,7 +518,40 @@ class StoreWriter:
             self._pending_trace = []
             self._trace_row_ends = []
 
-    def _on_checkpoint(self, step, params_item, buffers_item, h_item, b_item) -> None:
+    def _record_calls(self, calls) -> None:
+        """Queue one step's backward calls: rows (sample, weight), each call's row end and generator states."""
+        pending, total = self._replay_pending, self._replay_total
+        for call in calls:
+            pending["sample"].append(np.asarray(call.samples, dtype=np.int64))
+            pending["weight"].append(np.asarray(call.weights, dtype=np.float64))
+            rows_so_far = total["sample"] + sum(len(x) for x in pending["sample"])
+            pending["call_end"].append(rows_so_far)
+            for kind, state in (("rng_cpu", call.rng), ("rng_cuda", call.cuda_rng)):
+                index = -1
+                if state is not None:
+                    index = total[kind] + len(pending[kind])
+                    pending[kind].append(state.detach().cpu().to(torch.uint8).numpy())
+                pending["call_rng" if kind == "rng_cpu" else "call_cuda_rng"].append(index)
+        pending["step_end"].append(total["call_end"] + len(pending["call_end"]))
+
+    def _flush_replay(self) -> None:
+        pending = self._replay_pending
+        for name in _REPLAY_PENDING:
+            values = pending[name]
+            if not values:
+                continue
+            if name in ("sample", "weight"):
+                data = np.concatenate(values)
+            elif name.startswith("rng_"):
+                data = np.stack(values)
+            else:
+                data = np.asarray(values, dtype=np.int64)
+            self._append(f"replay/{name}", data)
+            self._replay_total[name] = self._replay_total.get(name, 0) + len(data)
+            self.bytes_written += data.nbytes
+            pending[name] = []
+
+    def _on_checkpoint(self, step, params_item, buffers_item, h_item, b_item, state_items=None) -> None:
         self._flush(all_rows=True)
         if step != self._steps_total:  # pragma: no cover - a tracker bug, never silently accepted
             raise StoreError(f"checkpoint at step {step} but {self._steps_total} steps were written")
@@ -499,6 +565,10 @@ class StoreWriter:
         if self._exact:
             self._append("exact/h", _numpy(h_item)[None])
             self._append("exact/b", _numpy(b_item)[None])
+        for f in self._state_fields:  # the optimizer's state (replay starts an interval from it)
+            values, present = state_items[f]
+            self._append(f"checkpoints/state_{f}", _numpy(values)[None])
+            self._append(f"checkpoints/state_{f}_present", present[None])
         self._append("checkpoints/step", np.asarray([step], dtype=np.int64))
         self.bytes_written += params.nbytes
         self._checkpoints += 1
@@ -538,6 +608,8 @@ class StoreWriter:
             return
         self.meta["committed"] = {"steps": self._steps_total, "rows": self._rows_total,
                                   "checkpoints": self._checkpoints}
+        if self._replay:
+            self.meta["committed"].update({f"replay_{name}": int(n) for name, n in self._replay_total.items()})
         if status is not None:
             self.meta["status"] = status
             self.meta["status_detail"] = detail
@@ -578,6 +650,43 @@ def log_part(rank: int | None) -> dict[str, str | None]:
 
 _REQUIRED = ["log/sample", "log/step", "log/grad", "trace/row_end", "checkpoints/step", "checkpoints/params"]
 
+# replay's record: per row (sample, weight), per call (call_end, call_rng, call_cuda_rng), per step (step_end),
+# per random forward (rng_cpu, rng_cuda); the committed count of each is attrs committed["replay_<name>"]
+_REPLAY_PENDING = ("sample", "weight", "call_end", "call_rng", "call_cuda_rng", "step_end", "rng_cpu", "rng_cuda")
+_REPLAY_COUNTS = _REPLAY_PENDING
+_RNG_CUDA_BYTES = 16  # torch.cuda.get_rng_state(): Philox seed and offset
+
+
+def _create_replay_arrays(g, P: int, D: int, d_chunk: int, param_dtype, state_fields) -> None:
+    index_rows = 1 << 16
+    for name, dtype in (("sample", "int64"), ("weight", "float64")):
+        _create(g, f"replay/{name}", shape=(0,), chunks=(index_rows,), dtype=dtype, dimension_names=["row"])
+    for name in ("call_end", "call_rng", "call_cuda_rng"):
+        _create(g, f"replay/{name}", shape=(0,), chunks=(index_rows,), dtype="int64", dimension_names=["call"])
+    _create(g, "replay/step_end", shape=(0,), chunks=(_TRACE_CHUNK,), dtype="int64", dimension_names=["step"])
+    for name, width in (("rng_cpu", torch.get_rng_state().numel()), ("rng_cuda", _RNG_CUDA_BYTES)):
+        _create(g, f"replay/{name}", shape=(0, width), chunks=(max(1, _TARGET_CHUNK_BYTES // width), width),
+                dtype="uint8", dimension_names=["state", "byte"])
+    for f in state_fields:
+        _create(g, f"checkpoints/state_{f}", shape=(0, D), chunks=(1, d_chunk), dtype=param_dtype,
+                dimension_names=["checkpoint", "parameter"], compressors=[_FLOAT_CODEC])
+        _create(g, f"checkpoints/state_{f}_present", shape=(0, P), chunks=(1024, P), dtype="bool",
+                dimension_names=["checkpoint", "param"])
+
+
+def _replay_lengths(g, meta: dict, step: int) -> dict[str, int]:
+    """How much of replay's record belongs to the first ``step`` steps (what a resumed run keeps)."""
+    committed = meta.get("committed", {})
+    steps = min(step, int(committed.get("replay_step_end", 0)))
+    calls = int(g["replay/step_end"][steps - 1]) if steps else 0
+    rows = int(g["replay/call_end"][calls - 1]) if calls else 0
+    out = {"step_end": steps, "call_end": calls, "call_rng": calls, "call_cuda_rng": calls, "sample": rows,
+           "weight": rows}
+    for kind, index in (("rng_cpu", "call_rng"), ("rng_cuda", "call_cuda_rng")):
+        used = np.asarray(g[f"replay/{index}"][:calls]) if calls else np.zeros(0, dtype=np.int64)
+        out[kind] = int(used.max()) + 1 if used.size and used.max() >= 0 else 0
+    return out
+
 
 async def _collect_keys(store, prefix: str) -> list[str]:
     return [key async for key in store.list_prefix(prefix)]
@@ -585,7 +694,7 @@ async def _collect_keys(store, prefix: str) -> list[str]:
 
 def _array_names(group) -> list[str]:
     names = []
-    for sub in ("log", "trace", "checkpoints", "exact"):
+    for sub in ("log", "trace", "checkpoints", "exact", "replay"):
         if sub in group:
             names += [f"{sub}/{name}" for name, _ in group[sub].arrays()]
     return names
@@ -706,6 +815,8 @@ class StoreReader:
             return int(c["steps"])
         if head in ("checkpoints", "exact") and name != "exact/indices":
             return int(c["checkpoints"])
+        if head == "replay":
+            return int(c.get(f"replay_{name.split('/', 1)[1]}", 0))
         return self.group[name].shape[0] if self.group[name].ndim else 1
 
     def _verify(self, name: str, arr) -> None:
@@ -809,6 +920,21 @@ class StoreReader:
     def buffers_at(self, c: int) -> np.ndarray | None:
         """Flat floating-point buffers at checkpoint index ``c`` (BatchNorm statistics…), or None if the model has none."""
         return self._read("checkpoints/buffers", c) if "buffers" in self.group["checkpoints"] else None
+
+    def optimizer_state_at(self, c: int) -> dict[str, list[torch.Tensor | None]]:
+        """The optimizer's state at checkpoint index ``c``, as ``OptimizerRule.functional_step`` takes it: per field
+        of ``optimizer_rule.state_fields``, one tensor per parameter (None where torch had none yet)."""
+        c = self.checkpoint_index(c)
+        out = {}
+        for f in self.optimizer_rule.state_fields:
+            if f"state_{f}" not in self.group["checkpoints"]:
+                raise StoreError(f"The store at {self.where!r} holds no optimizer state ({f}) at its checkpoints: it "
+                                 "was recorded before hydra_nb recorded what replay needs.")
+            values = torch.from_numpy(np.array(self._read(f"checkpoints/state_{f}", c)))
+            present = self._read(f"checkpoints/state_{f}_present", c)
+            parts = self.layout.unflatten(values)
+            out[f] = [parts[slot.name].clone() if present[k] else None for k, slot in enumerate(self.layout.slots)]
+        return out
 
     def checkpoint_index(self, checkpoint: int) -> int:
         """The index into ``checkpoint_steps`` of ``checkpoint`` (negative counts from the last); IndexError if none."""

@@ -33,6 +33,7 @@ from .optim import rule_for
 from .options import STORE_DTYPES, TrackOptions
 from .params import ParamLayout
 from .projection import Projector
+from .replay import ReplayRecorder
 from .store import StoreWriter, new_run_meta, prepare_path
 
 _LOG_DTYPES = {name: getattr(np, name) for name in STORE_DTYPES}
@@ -97,12 +98,12 @@ class Tracker:
         self.compute_dtype = compute_dtype
         default_log = "float64" if compute_dtype == torch.float64 else "float32"
         self.log_dtype = _LOG_DTYPES[options.store_dtype or default_log]
-        if self.world_size > 1 and self.mode == "exact":
-            raise TrackingConfigError("exact mode does not support distributed training (its Hessian-vector "
-                                      "products need every rank's batch). Use mode='fast'.")
+        if self.world_size > 1 and self.mode in ("exact", "replay"):
+            raise TrackingConfigError(f"mode={self.mode!r} does not support distributed training (its Hessian-vector "
+                                      "products, or replay, need every rank's batch). Use mode='fast'.")
         if self.world_size > 1 and self.resume:
             raise TrackingConfigError("resume=True does not support distributed training yet: start a new run.")
-        if self.rule.full_rows:
+        if self.rule.full_rows and self.mode != "replay":
             # e.g. Adam's preconditioner D_t is known only at the step: per-sample gradients are held in full until then
             batch = getattr(self.tap.loader, "batch_size", None) or 1
             need = batch * self.layout.size * torch.finfo(compute_dtype).bits // 8
@@ -113,7 +114,8 @@ class Tracker:
                     "batch, track fewer parameters (optimizer groups), or train with SGD (projected in the hooks).")
 
         # BatchNorm in training mode couples a batch's samples: None, or how per-sample gradients are defined
-        self.batchnorm = batchnorm_route(model, options.batchnorm, self.world_size)
+        # (a replay-only recording forms no per-sample gradients: replay differentiates the batch loss itself)
+        self.batchnorm = None if self.mode == "replay" else batchnorm_route(model, options.batchnorm, self.world_size)
         if self.mode == "exact":
             tracked = options.tracked_indices(self.n_train)
             need = 2 * len(tracked) * self.layout.size * torch.finfo(compute_dtype).bits // 8
@@ -177,9 +179,13 @@ class Tracker:
         for n, b in self._buffers:
             buffers_meta.append({"name": n, "shape": list(b.shape), "offset": offset})
             offset += b.numel()
+        # what replaying the run will need (docs/replay.md): every single-process run records it
+        self.recorder = ReplayRecorder(self.loss_fn, self.batch_fn, _rtol(self.compute_dtype), self.compute_dtype) \
+            if self.world_size == 1 else None
         if previous is not None:
             self.writer = StoreWriter.reopen(path)
             self.step = self._last_checkpoint = previous.steps
+            self.recorder.resume(previous.meta.get("replay"), "replay" in previous.group)
             if self.exact is not None:
                 last = previous._n_checkpoints - 1
                 self.exact.h.copy_(torch.from_numpy(np.asarray(previous.group["exact/h"][last])))
@@ -191,10 +197,12 @@ class Tracker:
             if self.rank == 0:
                 meta["world_size"] = self.world_size
                 try:
+                    replay = None if self.recorder is None else {"meta": self.recorder.meta(),
+                                                                 "state_fields": self.rule.state_fields}
                     self.writer = StoreWriter.create(path, meta, self.layout, self.log_projector.arrays(),
                                                      self.log_projector.dim, self.log_dtype,
                                                      np.dtype(str(self.compute_dtype).replace("torch.", "")), offset,
-                                                     self.tracked, world_size=self.world_size)
+                                                     self.tracked, world_size=self.world_size, replay=replay)
                 except BaseException as exc:
                     self._share_outcome(f"rank 0 could not create the store: {exc!r}")
                     raise
@@ -205,7 +213,8 @@ class Tracker:
                     raise TrackingConfigError(problem)
                 self.writer = StoreWriter.attach_rank(path, self.rank)
         self.capture = GradientCapture(self.model, self.params, capture_projector, self.tap,
-                                       keep_root_calls=self.mode == "exact", batchnorm=self.batchnorm)
+                                       keep_root_calls=self.mode == "exact" or self.recorder is not None,
+                                       batchnorm=self.batchnorm, per_sample=self.mode != "replay")
         if previous is None:
             self._checkpoint()
         try:
@@ -295,6 +304,8 @@ class Tracker:
         self.tap.on_epoch_end = None  # break tracker ↔ tap: the loader (and its workers) can then be freed
 
     def _should_check(self) -> bool:
+        if self.mode == "replay":  # no per-sample rows to check (replay's arrival check covers the run)
+            return False
         if self.world_size > 1:  # a collective: only where every rank certainly is (a rank may stop later)
             return self.step == self._first_step
         return self.params[0].device.type == "cpu" or self.step < 3 or self.step % 100 == 0
@@ -328,10 +339,11 @@ class Tracker:
                         raise TrackingConfigError(str(exc)) from None
                     raise
             trace_row = self.rule.read_step(optimizer, self.params, self.layout)
+            calls = self._record_calls(passes)
             if passes:
                 samples = torch.cat([p.indices for p in passes])
-                rows = torch.cat([p.buf for p in passes])
-                if self.world_size > 1:  # DDP averages the ranks' gradients: each sample enters .grad over W
+                rows = torch.cat([p.buf for p in passes]) if self.mode != "replay" else None  # replay: no rows
+                if rows is not None and self.world_size > 1:  # DDP averages the ranks' gradients: each sample enters .grad over W
                     rows = rows / self.world_size
             else:
                 samples = torch.zeros(0, dtype=torch.int64)
@@ -350,8 +362,9 @@ class Tracker:
                     samples, rows = samples[keep], self._device_log_projector.project_flat(rows[keep.to(rows.device)])
                 else:
                     self.exact.step(trace_row, samples, torch.zeros(0, self.layout.size), batch_loss)
-            self.writer.put_step(trace_row, samples, None if rows is None else rows.to(_torch_dtype(self.log_dtype)))
-            self.stats["rows"] += len(samples)
+            self.writer.put_step(trace_row, samples, None if rows is None else rows.to(_torch_dtype(self.log_dtype)),
+                                 calls)
+            self.stats["rows"] += len(samples) if rows is not None else 0
             self._pending_step = True
         except Exception as exc:
             # nothing of this step reached the store; exact h may have moved past it
@@ -360,6 +373,16 @@ class Tracker:
         finally:
             self.capture.suspended = False
             self._own_seconds += time.perf_counter() - start
+
+    def _record_calls(self, passes) -> list | None:
+        """This step's backward calls for replay (None: not recorded); tells the store when that changes."""
+        if self.recorder is None:
+            return None
+        before = (self.recorder.supported, self.recorder.fingerprint is not None)
+        calls = self.recorder.step(passes)
+        if (self.recorder.supported, self.recorder.fingerprint is not None) != before:
+            self.writer.put_replay_meta(self.recorder.meta())
+        return calls
 
     def _after_step(self, optimizer, args, kwargs) -> None:
         if not self.active or not self._pending_step:
@@ -397,9 +420,22 @@ class Tracker:
         buffers = torch.cat([b.detach().reshape(-1).to(torch.float64) for _, b in self._buffers]) if self._buffers else None
         h = self.exact.h if self.exact is not None else None
         b = self.exact.b if self.exact is not None else None
-        self.writer.put_checkpoint(self.step, params, buffers, h, b)
+        self.writer.put_checkpoint(self.step, params, buffers, h, b, state=self._optimizer_state())
         self._last_checkpoint = self.step
         self._own_seconds += time.perf_counter() - start
+
+    def _optimizer_state(self) -> dict | None:
+        """The optimizer's state now, flat per field (zeros where torch has none) with a present-per-parameter mask."""
+        if self.recorder is None:
+            return None
+        state = self.rule.read_state(self.optimizer, self.params)
+        out = {}
+        for f in self.rule.state_fields:
+            values = state.get(f, [None] * len(self.params))
+            flat = self.layout.flatten([torch.zeros_like(p, dtype=self.compute_dtype) if v is None
+                                        else v.detach().to(self.compute_dtype) for p, v in zip(self.params, values)])
+            out[f] = (flat, np.asarray([v is not None for v in values], dtype=bool))
+        return out
 
     # -- failures ---------------------------------------------------------------------------
     def _fail(self, exc: Exception) -> None:

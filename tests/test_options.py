@@ -43,7 +43,7 @@ def test_frozen_and_normalised():
 
 
 BAD = [
-    ({"mode": "approximate"}, "mode must be 'fast' or 'exact', got 'approximate'.", "--mode must be"),
+    ({"mode": "approximate"}, "mode must be 'fast', 'exact' or 'replay', got 'approximate'.", "--mode must be"),
     ({"projection_dim": 0}, "projection_dim must be positive: an int ≥ 1", "--dim must be positive"),
     ({"projection_dim": 2.5}, "projection_dim must be positive", "--dim must be positive"),
     ({"projection_dim": True}, "projection_dim must be positive", "--dim must be positive"),

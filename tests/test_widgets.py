@@ -377,8 +377,23 @@ def test_each_view_says_its_mode_and_mode_preference_is_the_one_place(tmp_path, 
     # mode= picks one for every view; an unknown one is refused at once
     assert Front(explore(str(tmp_path / "e.zarr"), model_e, (scaled[:6], labels[:6]), (scaled, labels),
                          mode="exact")).ask("rankings", test=0, k=2)["mode"] == "exact"
-    with pytest.raises(ValueError, match="mode must be one of 'fast', 'exact' or None"):
+    with pytest.raises(ValueError, match="mode must be one of 'fast', 'exact', 'replay' or None"):
         explore(store, model, test, train, mode="slow")
+
+
+def test_exact_by_replay_reaches_every_view_that_asks_for_it(tmp_path):
+    """Explorer(mode="replay") (and "exact" on a fast store, which replays) hands replay the training set."""
+    model, scaled, labels, _ = _tabular_run(tmp_path / "t.zarr")
+    test, train = (scaled[:5], labels[:5]), (scaled, labels)
+    for mode in ("replay", "exact"):
+        f = Front(explore(str(tmp_path / "t.zarr"), model, test, train, mode=mode, k=3))
+        r = f.ask("rankings", test=2, k=3)
+        assert r["mode"] == mode and f.widget.info["modes"]["replay"]["label"] == "exact (replay)"
+        store = f.widget.store
+        expect = store.contributions(model, scaled[2:3], labels[2:3], mode="replay", train_data=f.widget._train_data,
+                                     progress=False)[0]
+        np.testing.assert_allclose(f.widget.contribution_row(2), expect, rtol=1e-5, atol=1e-9)  # float32 run
+        np.testing.assert_array_equal(r["groups"]["helpful"]["indices"], np.argsort(-expect, kind="stable")[:3])
 
 
 def test_hydra_nb_never_imports_pandas():

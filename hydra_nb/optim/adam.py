@@ -84,11 +84,13 @@ class AdamRule(OptimizerRule):
     def validate(self, optimizer, mode: str) -> None:
         """Refuse maximize, exact mode and coupled L2 (Adam with weight_decay > 0), each saying what to do."""
         super().validate(optimizer, mode)
-        if any(float(g["weight_decay"]) != 0 and not self.decoupled(g) for g in optimizer.param_groups):
+        if mode != "replay" and any(float(g["weight_decay"]) != 0 and not self.decoupled(g)
+                                    for g in optimizer.param_groups):
             raise TrackingConfigError(
                 "torch.optim.Adam with weight_decay > 0 (L2 added to the gradient before the adaptive scaling) is not "
-                "supported: its decay feeds back through the elementwise preconditioner, which a projected gradient "
-                "log cannot follow. Use torch.optim.AdamW (decoupled weight decay), or Adam with weight_decay=0.")
+                "supported in fast mode: its decay feeds back through the elementwise preconditioner, which a projected "
+                "gradient log cannot follow. Use torch.optim.AdamW (decoupled weight decay), Adam with weight_decay=0, "
+                "or mode='replay' (exact answers by replaying the run; no fast-mode rows).")
 
     def exact_refusal(self) -> str:
         kind = self.name

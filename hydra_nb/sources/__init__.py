@@ -17,7 +17,9 @@ Sources, chosen by ``Store.source(mode)`` from :data:`SOURCES`:
 
 - ``fast`` (:mod:`.fast`, dask engine in :mod:`.fast_dask`): h from the per-sample gradient log and
   the Hessian-free recursion's response coefficients, streamed block by block;
-- ``exact`` (:mod:`.exact`): the full-dimensional h of an exact run, read from ``exact/h``.
+- ``exact`` (:mod:`.exact`): the full-dimensional h of an exact run, read from ``exact/h``;
+- ``replay`` (:mod:`.replay`): exact h of every sample, by walking the recorded run backward (needs
+  the training data; ``mode="exact"`` on a store without ``exact/h`` means this source).
 
 A source that has no ``self_dot`` or ``rows`` inherits the methods below, which raise
 :class:`~hydra_nb.errors.UnsupportedQuery` naming the modes that have them. Every operation takes
@@ -167,6 +169,8 @@ class HypergradientSource(ABC):
     """
 
     mode: str = ""
+    unavailable_error: type[Exception] = ValueError  # raised with unavailable()'s reason
+    needs_training_data = False  # built per query with train_data= (the replay source)
 
     def __init__(self, reader):
         self.reader = reader
@@ -324,8 +328,9 @@ test_gradients.__test__ = False  # a function, not a pytest test, wherever it is
 # The table Store.source(mode) picks from. Imported last: the sources subclass the classes above.
 from .exact import ExactSource  # noqa: E402
 from .fast import FastSource  # noqa: E402
+from .replay import ReplaySource  # noqa: E402
 
-SOURCES: dict[str, type[HypergradientSource]] = {"fast": FastSource, "exact": ExactSource}
+SOURCES: dict[str, type[HypergradientSource]] = {"fast": FastSource, "exact": ExactSource, "replay": ReplaySource}
 
-__all__ = ["HypergradientSource", "TestPoints", "Progress", "SOURCES", "FastSource", "ExactSource",
+__all__ = ["HypergradientSource", "TestPoints", "Progress", "SOURCES", "FastSource", "ExactSource", "ReplaySource",
            "DEFAULT_MEMORY_BUDGET", "test_gradients", "positions"]

@@ -51,6 +51,13 @@ class FastSource(HypergradientSource):
 
     mode = "fast"
 
+    @classmethod
+    def unavailable(cls, reader) -> str | None:
+        if reader.mode == "replay":
+            return ("This run was recorded with mode='replay': it holds no per-sample rows, so there is no fast estimate. "
+                    "Ask for exact answers with mode='exact' and train_data=... (replaying the run).")
+        return None
+
     def __init__(self, reader, transitions: Callable | None = None):
         super().__init__(reader)
         self.transitions = reader.optimizer_rule.transitions if transitions is None else transitions

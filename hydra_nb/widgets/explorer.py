@@ -45,8 +45,8 @@ _PROGRESS_SECONDS = 0.25
 
 # Which hypergradient source a view answers from when explore(mode=None): the first of these that the store can
 # give (SOURCES[m].unavailable) and that has the view's operation ("dot": rankings, trajectories, the class matrix
-# and live rankings; "self_dot": self-influence). The one place to change when a more exact source lands: put
-# "replay" first (and pass its training data in Explorer._ask).
+# and live rankings; "self_dot": self-influence). The one place that decides the default: putting "replay" first
+# makes every view of a replayable run exact by replay (Explorer._ask already hands replay the training data).
 MODE_PREFERENCE = ("exact", "fast")
 
 # How each view names the mode its numbers come from (the `mode` of its answer): a short label, the sentence shown
@@ -63,6 +63,10 @@ MODE_LABELS = {
     "exact": {
         "label": "exact",
         "note": "exact: the derivative of this training run, Hessian terms included (tracked samples only)",
+    },
+    "replay": {
+        "label": "exact (replay)",
+        "note": "exact by replay: the derivative of this training run for every sample, by replaying it backward",
     },
 }
 
@@ -105,6 +109,7 @@ class Explorer(anywidget.AnyWidget):
         self.train = as_samples(train_data, "train_data", encode=encode, display=train_display,
                                 feature_names=feature_names)
         self._feature_stats = feature_stats_for(self.train, self.test)
+        self._train_data = self.train.as_dataset()  # one object: the store keeps the replay source built for it
         self.class_names = None if class_names is None else [str(c) for c in class_names]
         self.query_mode = mode
         self._loss_fn = loss_fn
@@ -192,8 +197,11 @@ class Explorer(anywidget.AnyWidget):
         return s.mode
 
     def _ask(self, query: str, *args, operation: str = "dot", **kwargs):
-        """``Store.<query>(self.model, *args, mode=…, **kwargs)`` from the source ``mode_for(operation)`` picks."""
+        """``Store.<query>(self.model, *args, mode=…, **kwargs)`` from the source ``mode_for(operation)`` picks; queries
+        of ``dot`` get the training set too (``train_data``: exact answers by replay walk the run with it)."""
         s = self._need_store()
+        if operation == "dot":
+            kwargs["train_data"] = self._train_data
         return getattr(s, query)(self.model, *args, mode=self.mode_for(operation), **kwargs)
 
     def _model_at_checkpoint(self):
@@ -339,7 +347,7 @@ class Explorer(anywidget.AnyWidget):
     def self_influence(self, progress=False) -> np.ndarray:
         """Self-influence of every training sample (cached; NaN for untracked samples)."""
         if self._self_influence is None:
-            self._self_influence = self._ask("self_influence", self.train.as_dataset(), operation="self_dot",
+            self._self_influence = self._ask("self_influence", self._train_data, operation="self_dot",
                                              progress=progress)
         return self._self_influence
 
