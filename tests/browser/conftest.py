@@ -46,6 +46,18 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.write_line(f"screenshots saved in {SCREENSHOTS}")
 
 
+def publish_screenshot(shot: Path, name: str) -> None:
+    """With ``HYDRA_UPDATE_DOCS=1``, copy a screenshot to ``docs/<name>`` as a small PNG (64 colours, no dithering:
+    a UI's flat colours survive, and the file is a third of the size)."""
+    if os.environ.get("HYDRA_UPDATE_DOCS") != "1":
+        return
+    from PIL import Image  # a dependency of matplotlib
+
+    image = Image.open(shot).convert("RGB")
+    image.quantize(colors=64, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE).save(
+        REPO / "docs" / name, optimize=True)
+
+
 def _chromium() -> str:
     path = os.environ.get("HYDRA_CHROMIUM", "/usr/bin/chromium")
     if not (os.path.isfile(path) and os.access(path, os.X_OK)):
@@ -225,3 +237,9 @@ def border_colours(page, selector: str) -> set[str]:
     """The computed top border colours of the elements of ``selector``."""
     return set(page.evaluate("(sel) => [...document.querySelectorAll(sel)].map((e) => getComputedStyle(e).borderTopColor)",
                              selector))
+
+
+def cut_texts(page, selector: str) -> list[str]:
+    """Texts of ``selector`` elements that do not fit their box (an ellipsis hides part of them)."""
+    return page.evaluate("(sel) => [...document.querySelectorAll(sel)].filter((e) => e.clientWidth > 0 && "
+                         "e.scrollWidth > e.clientWidth + 1).map((e) => e.textContent)", selector)

@@ -8,12 +8,9 @@ explorer created before a ``%%hydra_track`` cell and checks that rankings arrive
 
 from __future__ import annotations
 
-import os
-import shutil
-
 import pytest
 
-from .conftest import REPO, border_colours, open_notebook, text_overlaps
+from .conftest import border_colours, cut_texts, open_notebook, publish_screenshot, text_overlaps
 from .test_tabular_browser import BAD, GOOD, LABELS, SUSPECT
 
 
@@ -49,6 +46,7 @@ def test_gallery_cards_trajectory(explorer_page, screenshots):
     assert _canvas_has_ink(page, "[data-testid=hydra-gallery-item] canvas")
     label = items.first.inner_text()
     assert "\u2192" in label  # true → predicted
+    assert cut_texts(page, ".hydra-gallery-label") == []
     _shot(page, screenshots, "01-gallery")
 
     # pick a misclassified digit if there is one: the interesting case
@@ -91,8 +89,7 @@ def test_gallery_cards_trajectory(explorer_page, screenshots):
     readout = page.locator("[data-testid=hydra-readout]").inner_text()
     assert readout.count("#") == 2
     shot = _shot(page, screenshots, "02-cards-trajectory", page.locator("[data-testid=hydra-explorer]"))
-    if os.environ.get("HYDRA_UPDATE_DOCS") == "1":
-        shutil.copy(shot, REPO / "docs" / "explorer.png")
+    publish_screenshot(shot, "explorer.png")
 
     # sorting and k: absolute ranking, k = 5
     page.select_option("[data-testid=hydra-sort]", "absolute")

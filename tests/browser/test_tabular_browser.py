@@ -10,12 +10,9 @@ Notebook 7 too: the explorer renders there and answers a click.
 
 from __future__ import annotations
 
-import os
-import shutil
-
 import pytest
 
-from .conftest import REPO, border_colours, open_notebook, spills, text_overlaps
+from .conftest import border_colours, cut_texts, open_notebook, publish_screenshot, spills, text_overlaps
 
 LABELS = (".hydra-gallery-label", ".hydra-gallery-index", ".hydra-card-label", ".hydra-card-score",
           ".hydra-feature-name", ".hydra-feature-value", ".hydra-feature-z", ".hydra-selected-title",
@@ -46,6 +43,7 @@ def test_tabular_rows_read_as_named_features(tabular_page, screenshots):
     assert "\u2192" in first.locator(".hydra-gallery-label").inner_text()  # true → predicted
     assert "mean radius = " in first.get_attribute("title")  # the whole row on hover
     assert spills(page, ".hydra-gallery-label, .hydra-gallery-index", ".hydra-gallery-item") == []
+    assert cut_texts(page, ".hydra-gallery-label") == []  # "malignant→benign" whole, or both names shortened to fit
 
     wrong = page.locator("[data-testid=hydra-gallery-item].is-wrong")
     target = wrong.first if wrong.count() else items.nth(3)
@@ -71,6 +69,10 @@ def test_tabular_rows_read_as_named_features(tabular_page, screenshots):
     assert border_colours(page, "[data-testid=hydra-card][data-group=helpful]") == {GOOD}
     assert border_colours(page, "[data-testid=hydra-card][data-group=harmful]") == {BAD}
 
+    shot = screenshots / "07-tabular-cards.png"
+    page.locator("[data-testid=hydra-explorer]").screenshot(path=str(shot))
+    publish_screenshot(shot, "explorer-tabular.png")
+
     # the mode its numbers come from, and the measured figure behind the caveat
     mode = page.locator(".hydra-rankings-view [data-testid=hydra-mode]")
     assert mode.get_attribute("data-mode") == "fast"
@@ -82,10 +84,6 @@ def test_tabular_rows_read_as_named_features(tabular_page, screenshots):
     assert count > 150 and bad == [], bad[:5]
     assert spills(page, ".hydra-card-label, .hydra-card-score, .hydra-feature-name, .hydra-feature-value, "
                         ".hydra-feature-z", ".hydra-card") == []
-    shot = screenshots / "07-tabular-cards.png"
-    page.locator("[data-testid=hydra-explorer]").screenshot(path=str(shot))
-    if os.environ.get("HYDRA_UPDATE_DOCS") == "1":
-        shutil.copy(shot, REPO / "docs" / "explorer-tabular.png")
 
 
 def test_tabular_training_tab_labels_and_suspects(tabular_page, screenshots):

@@ -8,7 +8,7 @@ import { fail } from "../status.js";
 
 const PAGE = 48;
 const IMAGE_CHARS = 9;   // characters a tile's label line holds: under a 44 px picture,
-const TEXT_CHARS = 15;   // in a tile without one
+const TEXT_CHARS = 17;   // in a tile without one (the panel is wider then: style.css)
 
 /** "true→predicted" in at most `chars` characters: each class name cut to its half, so that both stay in sight
  * (the tile's tooltip has them whole); "true" alone where there is no prediction. */
@@ -18,6 +18,14 @@ function trueToPredicted(ctx, label, pred, chars) {
   if (a.length + 1 + b.length <= chars) return `${a}\u2192${b}`;
   const half = Math.max(2, Math.floor((chars - 1) / 2));
   return `${abbreviate(a, half)}\u2192${abbreviate(b, half)}`;
+}
+
+/** Once on screen, shorten a label line that still overflows its tile (fonts differ from the estimate) until it
+ * fits; without a layout (a hidden output, a test DOM) the estimate stays. */
+function fit(ctx, node, label, pred, chars) {
+  for (let n = chars - 1; n >= 3 && node.clientWidth > 0 && node.scrollWidth > node.clientWidth; n--) {
+    node.textContent = trueToPredicted(ctx, label, pred, n);
+  }
 }
 
 export function create(ctx) {
@@ -64,9 +72,11 @@ export function create(ctx) {
             if (page.texts) item.append(E("div", { className: "hydra-gallery-snippet", text: page.texts[i] }));
             if (page.features) item.title += `\n${featureTable(ctx.doc, page, i, ctx.info().feature_names).title}`;
           }
-          item.append(E("div", { className: "hydra-gallery-label", text }));
+          const line = E("div", { className: "hydra-gallery-label", text });
+          item.append(line);
           item.addEventListener("click", () => select(idx));
           grid.append(item);
+          fit(ctx, line, label, pred, page.thumbs ? IMAGE_CHARS : TEXT_CHARS);
         }
         offset += n;
         count.textContent = `${offset} of ${page.total} (true\u2192predicted)`;
