@@ -261,10 +261,10 @@ def dataset_len(dataset) -> int:
 
 
 def dataset_items(dataset, ids: np.ndarray) -> tuple[ModelInputs | torch.Tensor, torch.Tensor]:
-    """(inputs, targets) of the samples ``ids`` of a torch Dataset of (x, y) or a pair of tensors."""
+    """(inputs, targets) of the samples ``ids`` of a torch Dataset of (x, y) or a pair of tensors (or pandas objects)."""
     if is_pair(dataset):
         idx = torch.from_numpy(np.asarray(ids, dtype=np.int64))
-        return ModelInputs(dataset[0])[idx], torch.as_tensor(dataset[1])[idx]
+        return ModelInputs(dataset[0])[idx], torch.as_tensor(from_pandas(dataset[1], "targets"))[idx]
     items = [dataset[int(i)] for i in ids]
     xs = torch.stack([torch.as_tensor(it[0]) for it in items])
     ys = torch.stack([torch.as_tensor(it[1]) for it in items])

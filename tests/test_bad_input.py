@@ -382,6 +382,10 @@ def test_queries_take_pandas_data(tabular_store):
     frame = pd.DataFrame(x.double().numpy(), columns=[f"f{i}" for i in range(D_IN)])
     np.testing.assert_allclose(store.contributions(model, frame, pd.Series(y.numpy())),
                                store.contributions(model, x, y), rtol=1e-5, atol=1e-9)
+    train_x, train_y = data().tensors
+    train_frame = pd.DataFrame(train_x.numpy(), columns=[f"f{i}" for i in range(D_IN)])
+    np.testing.assert_allclose(store.self_influence(model, (train_frame, pd.Series(train_y.numpy()))),
+                               store.self_influence(model, (train_x, train_y)), rtol=1e-5, atol=1e-9)
     frame["colour"] = ["red", "green", "blue", "red"]
     with pytest.raises(ValueError, match=r"inputs: the pandas values are not numeric \(columns colour\)\. Encode"):
         store.contributions(model, frame, y)
