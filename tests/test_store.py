@@ -293,3 +293,22 @@ def test_store_at_an_fsspec_url_answers_with_both_engines(finished):
     for engine in ("numpy", "dask"):
         got = remote.contributions(store_run.model(), TEST_X, TEST_Y, engine=engine, progress=False)
         np.testing.assert_allclose(got, want, rtol=1e-12)
+
+
+def test_same_cell_and_what_may_be_replaced():
+    """The rules %%hydra_track's re-runs rest on (hydra_nb.store.same_cell, replaceable)."""
+    from hydra_nb.store import replaceable, same_cell
+
+    a = {"notebook": "/n/a.ipynb", "cell_id": "c1", "source_sha256": "s1"}
+    assert same_cell(a, dict(a, source_sha256="s2"))                  # an edited cell keeps its id
+    assert not same_cell(a, dict(a, cell_id="c2"))                     # another cell, even with the same source
+    assert not same_cell(a, dict(a, notebook="/n/copy.ipynb"))         # a copy of the notebook
+    assert same_cell(a, {"notebook": None, "cell_id": None, "source_sha256": "s1"})   # nbclient: the source decides
+    assert not same_cell(a, {"notebook": None, "cell_id": None, "source_sha256": "s2"})
+    assert not same_cell(None, a) and not same_cell(a, None) and not same_cell({}, {})
+    done = {"status": "complete", "committed": {"steps": 10}, "origin": a}
+    assert replaceable(done, dict(a)) == "this same cell made it"
+    assert replaceable(done, None) is None and replaceable(dict(done, origin=None), a) is None
+    failed = {"status": "failed", "committed": {"steps": 0}}
+    assert replaceable(failed, None) == "it failed before its first step and holds nothing"
+    assert replaceable(dict(failed, committed={"steps": 3}), None) is None
