@@ -129,6 +129,26 @@ def test_gallery_page_is_binary_and_lazy(run, front):
     assert (sevens["labels"] == 7).all() and sevens["total"] == int((test[1] == 7).sum())
 
 
+def test_rankings_preview_then_exact_by_replay(run, front):
+    """A fast store that replays: the cards come first as the fast preview, labelled, naming the exact mode to ask
+    for next; that answer is the exact one by replay, for every training sample."""
+    store, model, train, test = run
+    assert store.replays and front.widget.mode_for() == "replay" and front.widget.preview_mode() == "fast"
+    preview = front.ask("rankings", test=3, k=5, sort="both")
+    assert preview["mode"] == "fast" and preview["upgrade"] == "replay"
+    exact = front.ask("rankings", test=3, k=5, sort="both", mode="replay")
+    assert exact["mode"] == "replay" and exact["upgrade"] is None and exact["candidates"] == 300
+    values = store.contributions(model, test[0][3:4], test[1][3:4], mode="exact", train_data=train, progress=False)[0]
+    order = np.argsort(-values)[:5]
+    np.testing.assert_array_equal(exact["groups"]["helpful"]["indices"], order)
+    np.testing.assert_allclose(exact["groups"]["helpful"]["scores"], values[order], rtol=1e-6, atol=1e-9)
+    traj = front.ask("trajectory", test=3, train=[int(order[0])], mode="replay")
+    _, ref = store.trajectory(model, test[0][3:4], test[1][3:4], [int(order[0])], mode="exact", train_data=train,
+                              progress=False)
+    assert traj["mode"] == "replay"
+    np.testing.assert_allclose(traj["values"][:, 0], ref[0, :, 0], rtol=1e-6, atol=1e-9)
+
+
 def test_rankings_equal_store_top_k(run, front):
     store, model, train, test = run
     top = store.top_k(model, test[0][3:4], test[1][3:4], k=5, progress=False)

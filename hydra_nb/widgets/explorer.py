@@ -44,10 +44,15 @@ _ROW_CACHE = 32  # test samples whose contribution rows are kept
 _PROGRESS_SECONDS = 0.25
 
 # Which hypergradient source a view answers from when explore(mode=None): the first of these that the store can
-# give (SOURCES[m].unavailable) and that has the view's operation ("dot": rankings, trajectories, the class matrix
-# and live rankings; "self_dot": self-influence). The one place that decides the default: putting "replay" first
-# makes every view of a replayable run exact by replay (Explorer._ask already hands replay the training data).
-MODE_PREFERENCE = ("exact", "fast")
+# give (SOURCES[m].unavailable) and that has the view's operation ("dot": rankings, trajectories, the class matrix;
+# "self_dot": self-influence). The one place that decides the default: an exact-mode store answers from its
+# recorded exact/h, any other run that replays exactly by replay (every training sample), else fast.
+MODE_PREFERENCE = ("exact", "replay", "fast")
+# Modes whose answers take a walk over the whole run (seconds or more): a view shows the instant PREVIEW_MODE
+# answer first, labelled as such, and asks again for the exact one (the answer's "upgrade"). Live updates during
+# training use the preview only (the kernel is busy training).
+SLOW_MODES = ("replay",)
+PREVIEW_MODE = "fast"
 
 # How each view names the mode its numbers come from (the `mode` of its answer): a short label, the sentence shown
 # beside it, and for an estimate the measured figure behind that sentence, with its source.
@@ -129,8 +134,8 @@ class Explorer(anywidget.AnyWidget):
 
     # -- the store, reopened while its run is live ---------------------------------------------
     def _clear_caches(self) -> None:
-        self._rows: OrderedDict[int, np.ndarray] = OrderedDict()
-        self._traj: dict[tuple[int, int], np.ndarray] = {}
+        self._rows: OrderedDict[tuple[str, int], np.ndarray] = OrderedDict()  # (mode, test index) → contributions
+        self._traj: dict[tuple[str, int, int], np.ndarray] = {}  # (mode, test, train) → values at each checkpoint
         self._self_influence = None
         self._class_matrix = None
         self._pred = None
@@ -196,13 +201,34 @@ class Explorer(anywidget.AnyWidget):
                 return mode
         return s.mode
 
-    def _ask(self, query: str, *args, operation: str = "dot", **kwargs):
-        """``Store.<query>(self.model, *args, mode=…, **kwargs)`` from the source ``mode_for(operation)`` picks; queries
-        of ``dot`` get the training set too (``train_data``: exact answers by replay walk the run with it)."""
+    def preview_mode(self, operation: str = "dot") -> str | None:
+        """The instant mode a view shows first while ``mode_for(operation)`` is a slow one (replay), or None when
+        the best mode is instant (or the store has no faster one)."""
+        best = self.mode_for(operation)
+        if self.query_mode is not None or best not in SLOW_MODES:
+            return None
+        cls = SOURCES.get(PREVIEW_MODE)
+        return PREVIEW_MODE if cls is not None and cls.unavailable(self._need_store().reader) is None else None
+
+    def _answer_mode(self, mode: str | None, operation: str = "dot") -> tuple[str, str | None]:
+        """(the mode to answer in, the mode to ask for next or None): a request without ``mode`` gets the preview
+        first, if there is one, and is told which better mode to ask for."""
+        best = self.mode_for(operation)
+        if mode is not None:
+            if mode not in SOURCES:
+                raise ValueError(f"mode must be one of {', '.join(map(repr, SOURCES))}, got {mode!r}.")
+            return mode, None
+        preview = self.preview_mode(operation)
+        return (preview, best) if preview is not None else (best, None)
+
+    def _ask(self, query: str, *args, operation: str = "dot", mode: str | None = None, **kwargs):
+        """``Store.<query>(self.model, *args, mode=…, **kwargs)`` in ``mode`` (default: the source ``mode_for(operation)``
+        picks); queries of ``dot`` get the training set too (``train_data``: exact answers by replay walk the run
+        with it)."""
         s = self._need_store()
         if operation == "dot":
             kwargs["train_data"] = self._train_data
-        return getattr(s, query)(self.model, *args, mode=self.mode_for(operation), **kwargs)
+        return getattr(s, query)(self.model, *args, mode=mode or self.mode_for(operation), **kwargs)
 
     def _model_at_checkpoint(self):
         """A copy of the model with the last committed checkpoint's parameters (for predictions)."""
@@ -279,26 +305,29 @@ class Explorer(anywidget.AnyWidget):
         out.update(packed_view(self.test, page, self._feature_stats))
         return out
 
-    def contribution_row(self, test_index: int, progress=False) -> np.ndarray:
-        """contributions of every tracked training sample to test sample ``test_index`` (cached)."""
+    def contribution_row(self, test_index: int, progress=False, mode: str | None = None) -> np.ndarray:
+        """contributions of every training sample the mode answers for to test sample ``test_index`` (cached)."""
         s = self._need_store()
-        j = int(test_index)
-        if j in self._rows:
-            self._rows.move_to_end(j)
-            return self._rows[j]
-        x, y = self.test.batch([j])
-        row = self._ask("contributions", x, y, progress=progress)[0]
-        self._rows[j] = row
+        mode = mode or self.mode_for()
+        key = (mode, int(test_index))
+        if key in self._rows:
+            self._rows.move_to_end(key)
+            return self._rows[key]
+        x, y = self.test.batch([int(test_index)])
+        row = self._ask("contributions", x, y, mode=mode, progress=progress)[0]
+        self._rows[key] = row
         while len(self._rows) > _ROW_CACHE:
             self._rows.popitem(last=False)
         return row
 
-    def rank(self, test_index: int, k: int = 10, sort: str = "both", train_class=None, progress=False):
+    def rank(self, test_index: int, k: int = 10, sort: str = "both", train_class=None, progress=False,
+             mode: str | None = None):
         """{group: (dataset indices, scores)} for one test sample: the Python side of the ranking cards."""
         if sort not in SORTS:
             raise ValueError(f"sort must be one of {SORTS}, got {sort!r}.")
-        row = self.contribution_row(test_index, progress=progress)
-        tracked = self._store.tracked_indices
+        mode = mode or self.mode_for()
+        row = self.contribution_row(test_index, progress=progress, mode=mode)
+        tracked = self._store.source(mode, train_data=self._train_data).tracked
         if train_class is not None:
             keep = self.train.label_of(tracked) == int(train_class)
             tracked, row = tracked[keep], row[keep]
@@ -310,35 +339,43 @@ class Explorer(anywidget.AnyWidget):
             groups[name] = (tracked[order], row[order])
         return groups, int(len(row))
 
-    def _handle_rankings(self, test: int, k: int = 10, sort: str = "both", train_class=None, progress=None) -> dict:
-        groups, candidates = self.rank(test, k, sort, train_class, progress=progress)
+    def _handle_rankings(self, test: int, k: int = 10, sort: str = "both", train_class=None, progress=None,
+                         mode: str | None = None) -> dict:
+        """The cards of test sample ``test``. Without ``mode``: in the best mode, or, when that is a slow one
+        (replay), first the instant preview with ``upgrade`` naming the mode to ask for next."""
+        mode, upgrade = self._answer_mode(mode)
+        groups, candidates = self.rank(test, k, sort, train_class, progress=progress, mode=mode)
         test = int(test)
         pred = self.predictions()
         # a picture is on screen already (the gallery's); a feature row or a text travels with the answer
         shown = {} if self.test.kind == "image" else {"test_view": packed_view(self.test, [test], self._feature_stats)}
         return {**shown, "test": test, "label": int(self.test.label_of([test])[0]), "predicted": int(pred[test]),
-                "candidates": candidates, "step": int(self._store.steps), "mode": self.mode_for(),
+                "candidates": candidates, "step": int(self._store.steps), "mode": mode, "upgrade": upgrade,
                 "groups": {name: self._cards(ids, scores) for name, (ids, scores) in groups.items()}}
 
-    def trajectories(self, test_index: int, train_indices, progress=False) -> tuple[np.ndarray, np.ndarray]:
+    def trajectories(self, test_index: int, train_indices, progress=False,
+                     mode: str | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(steps (C,), values (C, len(train_indices))) for one test sample, cached per pair."""
         s = self._need_store()
+        mode = mode or self.mode_for()
         j = int(test_index)
         train_indices = [int(i) for i in train_indices]
-        missing = sorted({i for i in train_indices if (j, i) not in self._traj})
+        missing = sorted({i for i in train_indices if (mode, j, i) not in self._traj})
         if missing:
             x, y = self.test.batch([j])
-            _, values = self._ask("trajectory", x, y, missing, progress=progress)
+            _, values = self._ask("trajectory", x, y, missing, mode=mode, progress=progress)
             for col, i in enumerate(missing):
-                self._traj[(j, i)] = values[0, :, col]
-        values = np.stack([self._traj[(j, i)] for i in train_indices], axis=1) if train_indices else \
+                self._traj[(mode, j, i)] = values[0, :, col]
+        values = np.stack([self._traj[(mode, j, i)] for i in train_indices], axis=1) if train_indices else \
             np.zeros((len(s.checkpoint_steps), 0))
         return s.checkpoint_steps.copy(), values
 
-    def _handle_trajectory(self, test: int, train, progress=None) -> dict:
-        steps, values = self.trajectories(test, train, progress=progress)
+    def _handle_trajectory(self, test: int, train, progress=None, mode: str | None = None) -> dict:
+        """Trajectories of the compared cards; without ``mode`` the preview first, as for the rankings."""
+        mode, upgrade = self._answer_mode(mode)
+        steps, values = self.trajectories(test, train, progress=progress, mode=mode)
         train = np.asarray([int(i) for i in train], dtype=np.int64)
-        return {"test": int(test), "mode": self.mode_for(), "steps": pack(steps, "float64"),
+        return {"test": int(test), "mode": mode, "upgrade": upgrade, "steps": pack(steps, "float64"),
                 "values": pack(values, "float64"),
                 "epochs": pack(self._store.epoch_boundaries(), "float64"),
                 "epoch_exact": self._store.meta["config"].get("checkpoint_every") == "epoch",
@@ -366,15 +403,21 @@ class Explorer(anywidget.AnyWidget):
                 "range": pack(np.array([finite.min(), finite.max()] if finite.size else [0.0, 0.0]), "float64"),
                 **self._cards(page, values[page])}
 
+    def global_mode(self) -> str:
+        """The mode of the views over the whole test set (the class matrix): the instant one. A replay walk for
+        every test class is a query to ask for in code (``Store.class_matrix(..., mode="exact", train_data=...)``)."""
+        return self.preview_mode() or self.mode_for()
+
     def class_matrix(self, progress=False):
         if self._class_matrix is None:
             x, y = self.test.all()
-            self._class_matrix = self._ask("class_matrix", self.train.labels, x, y, progress=progress)
+            self._class_matrix = self._ask("class_matrix", self.train.labels, x, y, mode=self.global_mode(),
+                                           progress=progress)
         return self._class_matrix
 
     def _handle_class_matrix(self, progress=None) -> dict:
         cm = self.class_matrix(progress=progress)
-        return {"mode": self.mode_for(), "train_classes": pack(cm.train_classes),
+        return {"mode": self.global_mode(), "train_classes": pack(cm.train_classes),
                 "test_classes": pack(cm.test_classes),
                 "mean": pack(cm.mean, "float64"), "counts": pack(cm.counts, "float64")}
 

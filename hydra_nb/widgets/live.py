@@ -124,7 +124,8 @@ class LiveFeed:
         items = []
         if pinned:
             x, y = ex.test.batch(pinned)
-            top = ex._ask("top_k", x, y, k=self.k, progress=False)
+            # while training runs, the instant mode: a replay would walk the run in the training loop's time
+            top = ex._ask("top_k", x, y, k=self.k, mode=self._live_mode(), progress=False)
             pred = _predict(ex, x)
             for r, j in enumerate(pinned):
                 item = {"test": int(j), "label": int(ex.test.label_of([j])[0]), "predicted": int(pred[r])}
@@ -134,10 +135,14 @@ class LiveFeed:
                 items.append(item)
         self.pushes += 1
         self._items = items
-        self._mode = ex.mode_for()
+        self._mode = self._live_mode()
         self._checkpoint_step = int(store.steps)
         self._status = store.status
         self._publish(final=final)
+
+    def _live_mode(self) -> str:
+        ex = self.explorer
+        return ex.preview_mode() or ex.mode_for()
 
     def _publish(self, note: str | None = None, final: bool = False) -> None:
         items = getattr(self, "_items", [])

@@ -3,14 +3,18 @@
 // ("fast estimate: may disagree with exact at large learning rates"), and for an estimate a "measured figure" link that
 // opens, in place, the measured figure behind the note and where it was measured (benchmarks/RESULTS.md).
 
-/** Fill `box` with the note of `mode` (nothing for none). */
-export function showMode(ctx, box, mode) {
+/**
+ * Fill `box` with the note of `mode` (nothing for none). `preview`: this answer is shown while a more exact one is
+ * computed (it says so, and carries data-preview="true").
+ */
+export function showMode(ctx, box, mode, { preview = false } = {}) {
   box.textContent = "";
   if (!mode) return;
   const { E } = ctx;
   const m = (ctx.info().modes || {})[mode] || { label: mode, note: mode };
-  const note = E("div", { className: `hydra-mode hydra-mode--${mode}`, "data-testid": "hydra-mode", "data-mode": mode,
-    title: m.label }, [E("span", { className: "hydra-mode-note", text: m.note })]);
+  const note = E("div", { className: `hydra-mode hydra-mode--${mode}${preview ? " is-preview" : ""}`,
+    "data-testid": "hydra-mode", "data-mode": mode, "data-preview": preview ? "true" : "false", title: m.label },
+  [E("span", { className: "hydra-mode-note", text: (preview ? "Preview \u2014 " : "") + m.note })]);
   if (m.figure) {
     const figure = E("div", { className: "hydra-mode-figure", "data-testid": "hydra-mode-figure",
       text: `${m.figure} Source: ${m.source}.` });

@@ -48,8 +48,14 @@ export function create(ctx) {
       return;
     }
     busy(status, "Computing contributions\u2026");
-    slot.request("rankings", { test, k: ctx.get("k"), sort: ctx.get("sort"), train_class: trainClass }, {
-      onProgress: progress(status, "Computing contributions"),
+    ask({ test, k: ctx.get("k"), sort: ctx.get("sort"), train_class: trainClass });
+  }
+
+  /** Ask for the cards; an answer that names an `upgrade` (a preview) is shown at once and asked again in that mode. */
+  function ask(params) {
+    const exact = params.mode !== undefined;
+    slot.request("rankings", params, {
+      onProgress: progress(status, exact ? "Computing exact contributions by replay" : "Computing contributions"),
       onResult: (r) => {
         renderSelected(r);
         cards.textContent = "";
@@ -63,11 +69,17 @@ export function create(ctx) {
           cards.append(E("div", { className: "hydra-group", "data-group": group }, [
             E("div", { className: "hydra-group-title", text: GROUP_TITLES[group] }), row]));
         }
-        done(status, `top ${ctx.get("k")} of ${r.candidates.toLocaleString()} training samples` +
+        const summary = `top ${ctx.get("k")} of ${r.candidates.toLocaleString()} training samples` +
           (ctx.get("train_class") !== null ? ` of class ${ctx.name(ctx.get("train_class"))}` : "") +
-          ` at step ${r.step}`);
-        showMode(ctx, modeBox, r.mode);
+          ` at step ${r.step}`;
+        showMode(ctx, modeBox, r.mode, { preview: Boolean(r.upgrade) });
         markCompared();
+        if (r.upgrade) {  // the preview is on screen; the exact answer replaces it when it arrives
+          busy(status, `${summary}. Preview shown; computing the exact contributions by replay\u2026`);
+          ask({ ...params, mode: r.upgrade });
+        } else {
+          done(status, summary);
+        }
       },
       onError: fail(status),
     });

@@ -19,7 +19,7 @@ export function create(ctx) {
   const list = E("div", { className: "hydra-cards hydra-si-list", "data-testid": "hydra-self-influence" });
   const more = E("button", { className: "hydra-button", text: "More" });
   const count = E("div", { className: "hydra-muted" });
-  const el = E("div", { className: "hydra-panel" }, [
+  const el = E("div", { className: "hydra-panel hydra-self-view" }, [
     E("div", { className: "hydra-panel-title" }, [E("span", {
       text: "Self-influence: each sample's contribution to its own loss (high = memorised, often mislabelled; amber: suspects)" })]),
     E("div", { className: "hydra-controls" }, [E("label", {}, ["order ", order]), E("label", {}, ["class ", classSel])]),

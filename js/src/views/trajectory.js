@@ -30,8 +30,14 @@ export function create(ctx) {
       return;
     }
     busy(status, "Computing trajectories\u2026");
-    slot.request("trajectory", { test, train }, {
-      onProgress: progress(status, "Computing trajectories"),
+    ask({ test, train });
+  }
+
+  /** As the rankings: a preview answer is drawn at once, then asked again in its `upgrade` mode. */
+  function ask(params) {
+    const exact = params.mode !== undefined;
+    slot.request("trajectory", params, {
+      onProgress: progress(status, exact ? "Computing exact trajectories by replay" : "Computing trajectories"),
       onResult: (t) => {
         const steps = Array.from(t.steps.data);
         const m = t.train.data.length;
@@ -43,8 +49,14 @@ export function create(ctx) {
         box.textContent = "";
         box.append(trajectoryChart(ctx.doc, { steps, series, epochs: Array.from(t.epochs.data),
           epochExact: t.epoch_exact, title: `contributions to test sample #${t.test}` }));
-        done(status, `test sample #${t.test}: contribution if training had stopped at each checkpoint; dashed lines: epoch ends`);
-        showMode(ctx, modeBox, t.mode);
+        const what = `test sample #${t.test}: contribution if training had stopped at each checkpoint; dashed lines: epoch ends`;
+        showMode(ctx, modeBox, t.mode, { preview: Boolean(t.upgrade) });
+        if (t.upgrade) {
+          busy(status, `${what}. Preview shown; computing the exact trajectories by replay\u2026`);
+          ask({ ...params, mode: t.upgrade });
+        } else {
+          done(status, what);
+        }
       },
       onError: fail(status),
     });

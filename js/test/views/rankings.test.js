@@ -1,6 +1,6 @@
 import { describe, expect, it } from "vitest";
 import { create } from "../../src/views/rankings.js";
-import { FEATURES, INFO, fakeContext, flush, hold, python, rows } from "../fake.js";
+import { FEATURES, INFO, MODES, fakeContext, flush, hold, python, rows } from "../fake.js";
 
 function setup(state, opts) {
   const f = fakeContext(state, opts);
@@ -52,6 +52,51 @@ describe("rankings view", () => {
     mode.querySelector("[data-testid=hydra-mode-link]").click();
     expect(figure.hidden).toBe(false);
     expect(figure.textContent).toContain("Source: benchmarks/RESULTS.md");
+  });
+
+  it("shows a preview at once, then asks for the exact answer it names and replaces it", async () => {
+    const py = python();
+    const answer = py.handlers.rankings;
+    py.handlers.rankings = (p) => {
+      const r = answer(p);
+      return p.mode === undefined ? { ...r, mode: "fast", upgrade: "replay" } : { ...r, mode: p.mode, upgrade: null };
+    };
+    const { view } = setup({ selected: 4, info: { ...INFO, modes: { ...MODES, replay: { label: "exact (replay)",
+      note: "exact by replay" } } } }, { py });
+    view.refresh();
+    await flush();
+    expect(py.calls).toEqual([["rankings", { test: 4, k: 3, sort: "both", train_class: null }],
+      ["rankings", { test: 4, k: 3, sort: "both", train_class: null, mode: "replay" }]]);
+    const mode = view.el.querySelector("[data-testid=hydra-mode]");
+    expect(mode.dataset.mode).toBe("replay");
+    expect(mode.dataset.preview).toBe("false");
+    expect(mode.querySelector(".hydra-mode-note").textContent).toBe("exact by replay");
+    expect(cards(view).length).toBe(6);
+    expect(view.el.querySelector("[data-testid=hydra-cards-status]").textContent)
+      .toBe("top 3 of 500 training samples at step 90");
+  });
+
+  it("while the exact answer is computed, the preview says it is one", async () => {
+    const py = python();
+    const answer = py.handlers.rankings;
+    let release;
+    py.handlers.rankings = (p) => {
+      const r = answer(p);
+      if (p.mode === undefined) return { ...r, mode: "fast", upgrade: "replay" };
+      return new Promise((resolve) => { release = () => resolve({ ...r, mode: "replay", upgrade: null }); });
+    };
+    const { view } = setup({ selected: 4 }, { py });
+    view.refresh();
+    await flush();
+    const mode = view.el.querySelector("[data-testid=hydra-mode]");
+    expect(mode.dataset.mode).toBe("fast");
+    expect(mode.dataset.preview).toBe("true");
+    expect(mode.querySelector(".hydra-mode-note").textContent).toMatch(/^Preview \u2014 fast estimate/);
+    expect(view.el.querySelector("[data-testid=hydra-cards-status]").textContent)
+      .toContain("computing the exact contributions by replay");
+    release();
+    await flush();
+    expect(view.el.querySelector("[data-testid=hydra-mode]").dataset.mode).toBe("replay");
   });
 
   it("feature rows: the cards and the selected sample are named feature tables", async () => {

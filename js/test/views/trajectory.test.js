@@ -33,6 +33,23 @@ describe("trajectory view", () => {
     expect(status(view).textContent).toContain("test sample #4");
   });
 
+  it("draws the preview, then the exact trajectories it names", async () => {
+    const py = python();
+    const answer = py.handlers.trajectory;
+    py.handlers.trajectory = (p) => {
+      const t = answer(p);
+      return p.mode === undefined ? { ...t, mode: "fast", upgrade: "replay" } : { ...t, mode: p.mode, upgrade: null };
+    };
+    const { view } = setup({ selected: 4, compared: [5] }, { py });
+    view.refresh();
+    await flush();
+    expect(py.calls).toEqual([["trajectory", { test: 4, train: [5] }],
+      ["trajectory", { test: 4, train: [5], mode: "replay" }]]);
+    expect(view.el.querySelector("[data-testid=hydra-mode]").dataset.mode).toBe("replay");
+    expect(view.el.querySelector("[data-testid=hydra-mode]").dataset.preview).toBe("false");
+    expect(status(view).textContent).toContain("test sample #4");
+  });
+
   it("refreshes when compared changes; compare() toggles a card and keeps the last 10", async () => {
     const { view, model, py } = setup({ selected: 4 });
     view.refresh();
