@@ -29,6 +29,7 @@ bounds); what grows is the result itself. ``engine="dask"`` computes the same nu
 
 from __future__ import annotations
 
+import copy
 import html
 import math
 import os
@@ -512,6 +513,37 @@ class Store:
         tests = self._tests(model, test_inputs, test_targets, loss_fn)
         with Progress(progress, "class_matrix") as bar:
             return class_matrix(source, tests, train_labels, c, budget=budget, engine=engine, progress=bar)
+
+    def replay_without(self, model: nn.Module, remove, *, train_data, loss_fn=None, progress=None,
+                       memory_budget: int | None = None, replay_tolerance: float | None = None) -> nn.Module:
+        """What if training had not seen ``remove``? A copy of ``model`` (eval mode) holding the parameters and
+        floating-point buffers at the last checkpoint of this run replayed with the loss terms of the dataset
+        indices ``remove`` weighted 0 in every batch they were in — the same batches in the same order, a mean
+        keeping its denominator: the counterfactual the contributions describe, to first order,
+
+            L(z; θ_without) − L(z; θ_T) ≈ Σ_{i ∈ remove} contributions[z, i].
+
+        One replay of the run (plus a check of every interval not yet verified by an earlier replay query);
+        needs a run that replays (``replays``) and its ``train_data``, as ``mode="exact"`` does.
+        """
+        source = self.source("replay", train_data=train_data, replay_tolerance=replay_tolerance)
+        remove = np.asarray(remove, dtype=np.int64).reshape(-1)
+        if remove.size and (remove.min() < 0 or remove.max() >= self.n_train):
+            raise ValueError(f"remove: dataset indices in [0, {self.n_train}), got {remove.tolist()[:8]}.")
+        weights = np.zeros(self.n_train)
+        weights[remove] = -1.0
+        with Progress(progress, "replay_without") as bar:
+            flat, buffers = source.counterfactual(model, self._loss(loss_fn), weights, budget=_budget(memory_budget),
+                                                  progress=bar)
+        out = copy.deepcopy(model)
+        named, named_buffers = dict(out.named_parameters()), dict(out.named_buffers())
+        with torch.no_grad():
+            for name, value in self.layout.unflatten(flat.detach().cpu()).items():
+                named[name].copy_(value)
+            for name, value in buffers.items():
+                if name in named_buffers and value.is_floating_point():
+                    named_buffers[name].copy_(value)
+        return out.eval()
 
     def hypergradients(self, checkpoint: int = -1, train_indices=None, mode: str | None = None, *,
                        progress=None, memory_budget: int | None = None) -> np.ndarray:

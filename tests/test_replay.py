@@ -360,6 +360,35 @@ def test_a_store_still_being_written_answers_for_its_committed_part(tmp_path):
     assert S == 8 and rel_err(got, ref) < EXACT_TOL
 
 
+def test_replay_without_retrains_with_the_samples_weighted_zero(tmp_path):
+    """store.replay_without: the run again, same batches, the removed samples' loss terms weighted 0; and the
+    contributions predict the change of a test loss it causes, to first order."""
+    from reference import replay_sgd
+
+    X, Y, Xt, Yt = make_data()
+    model = make_mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9, weight_decay=0.01)
+    run, store = tracked_training(tmp_path, model, opt, make_loader(X, Y), X, Y, epochs=2)
+    remove = [3, 11]
+    w = torch.zeros(len(X), dtype=DT)
+    w[remove] = -1.0
+    expected = replay_sgd(run, w)  # the reference's loop, with those terms weighted (1 + w) = 0
+    without = store.replay_without(model, remove, train_data=(X, Y), progress=False)
+    got = torch.cat([p.detach().reshape(-1) for p in without.parameters()])
+    assert float((got - expected).norm() / expected.norm()) < EXACT_TOL
+    assert not without.training and without is not model
+    # first order: ΔL(z) ≈ Σ_{i removed} contributions[z, i]
+    c = replay_exact(store, model, Xt, Yt, X, Y)
+    with torch.no_grad():
+        before = F.cross_entropy(model.eval()(Xt), Yt, reduction="none")
+        after = F.cross_entropy(without(Xt), Yt, reduction="none")
+    predicted = c[:, remove].sum(1)
+    actual = (after - before).numpy()
+    assert np.corrcoef(predicted, actual)[0, 1] > 0.9
+    with pytest.raises(ValueError, match="dataset indices"):
+        store.replay_without(model, [len(X)], train_data=(X, Y))
+
+
 def test_replay_leaves_the_users_model_and_random_state_alone(tmp_path):
     X, Y, Xt, Yt = make_data()
     torch.manual_seed(1)

@@ -173,11 +173,12 @@ class Replayer:
                 out.append(torch.zeros_like(p) if g is None else g)
         return out
 
-    def _step(self, t: int, calls: list[Call], row: dict, state: State, buffers: dict) -> State:
-        """One optimizer step of the replay: θ_{t+1}, s_{t+1} from θ_t, s_t (no graph kept)."""
+    def _step(self, t: int, calls: list[Call], row: dict, state: State, buffers: dict,
+              w: torch.Tensor | None = None) -> State:
+        """One optimizer step of the replay: θ_{t+1}, s_{t+1} from θ_t, s_t (no graph kept); ``w`` the rows' weights."""
         params = [p.detach().requires_grad_(True) for p in state.params]
         with torch.enable_grad():
-            loss = self.loss(t, calls, params, buffers)
+            loss = self.loss(t, calls, params, buffers, w)
             grads = torch.autograd.grad(loss, params, allow_unused=True)
         with torch.no_grad():
             new_params, new_opt = self.rule.functional_step(
@@ -229,6 +230,35 @@ class Replayer:
                 f"(relative; the tolerance is {self.tolerance:.0e}), so no exact answer is returned. Likely "
                 f"causes: {LIKELY_CAUSES}. Pass the training set exactly as the tracked DataLoader's dataset "
                 "indexes it (e.g. train_data=loader.dataset, without random transforms).")
+
+    # -- what if: the run again with some samples' loss weights changed ----------------------------
+    def counterfactual(self, w: np.ndarray, verified: set) -> tuple[State, dict]:
+        """θ and the buffers at the last checkpoint of the run retrained with per-sample weights (1 + w_i): the
+        same batches in the same order (w_i = −1 removes sample i's term; a mean keeps its denominator).
+
+        The run itself must replay: each interval not in ``verified`` (checkpoint indices already reached
+        by a replay within the tolerance) is first replayed as recorded and checked, then added to it.
+        Running statistics (BatchNorm) evolve with the changed run, from the first checkpoint's.
+        """
+        w_all = torch.as_tensor(np.asarray(w, dtype=np.float64), dtype=self.dtype, device=self.device)
+        state = self._start(0)
+        buffers = self._buffers(0)
+        for c in range(len(self.rec.checkpoint_steps) - 1):
+            lo, hi = int(self.rec.checkpoint_steps[c]), int(self.rec.checkpoint_steps[c + 1])
+            if hi == lo:
+                continue
+            span = _Span(lo, self.rec.trace_rows(lo, hi), self.rec.calls(lo, hi), self._buffers(c))
+            if c + 1 not in verified:
+                _, arrived = self._replay(span, lo, hi, self._start(c), hi - lo, arrive=True)
+                self._check_arrival(c + 1, arrived)
+                verified.add(c + 1)
+            for t in range(lo, hi):
+                calls = span.calls[t - lo]
+                samples = np.concatenate([k.samples for k in calls]) if calls else np.zeros(0, dtype=np.int64)
+                state = self._step(t, calls, span.rows[t - lo], state, buffers,
+                                   w_all[torch.from_numpy(samples).to(self.device)])
+                self._tick()
+        return state, buffers
 
     # -- the backward walk --------------------------------------------------------------------------
     def walk(self, vectors: dict[int, torch.Tensor], col: np.ndarray, n_cols: int) -> torch.Tensor:

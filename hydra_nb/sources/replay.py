@@ -16,6 +16,7 @@ stay with the fast source.
 from __future__ import annotations
 
 import warnings
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -44,7 +45,8 @@ class ReplaySource(HypergradientSource):
         super().__init__(reader)
         self.train_data, self.tolerance = train_data, tolerance
         self.collate_fn, self.batch_fn = collate_fn, batch_fn
-        self.drift: dict[int, float] = {}  # checkpoint index → relative drift measured by the last walk
+        self.drift: dict[int, float] = {}  # checkpoint index → relative drift measured on arrival there
+        self.verified: set[int] = set()  # checkpoints a replay reached within the tolerance
 
     @classmethod
     def unavailable(cls, reader) -> str | None:
@@ -58,15 +60,8 @@ class ReplaySource(HypergradientSource):
     def tracked(self) -> np.ndarray:
         return np.arange(self.reader.n_train, dtype=np.int64)  # every training sample
 
-    def dot(self, tests: TestPoints, checkpoints, col: np.ndarray, n_cols: int, *, budget: int,
-            progress: Progress | None = None, engine: str = "numpy") -> np.ndarray:
-        col = self.check_col(col, n_cols)
-        stops = self.checkpoint_indices(checkpoints)
-        if self.reader.status.startswith("running"):
-            warnings.warn(f"The run in {self.reader.where!r} is still being written: replay answers for training "
-                          f"stopped at its last committed checkpoint (step {self.reader.steps}).", RuntimeWarning,
-                          stacklevel=4)
-        model = tests.model
+    def _replayer(self, model, loss_fn, budget: int, progress) -> Replayer:
+        """A replayer of this run for ``model`` (its architecture), after checking train_data's fingerprint."""
         params = list(model.parameters())
         device = params[0].device if params else torch.device("cpu")
         dtype = torch.float64 if np.dtype(self.reader.group["checkpoints/params"].dtype) == np.float64 \
@@ -74,30 +69,67 @@ class ReplaySource(HypergradientSource):
         data = TrainingData(self.train_data, self.reader.n_train, device=device, dtype=dtype,
                             collate_fn=self.collate_fn, batch_fn=self.batch_fn)
         data.check(self.reader.meta.get("replay", {}).get("fingerprint"))
-        recording = StoreRecording(self.reader, model)
-        distinct = sorted(set(stops))
-        top = distinct[-1]
-        steps = int(self.reader.checkpoint_steps[top])
-        if progress is not None:
-            progress.plan(len(distinct) * self.gradient_batches(len(tests)) + 2 * steps)
-        vectors = {c: self._vectors(tests, c, progress) for c in distinct}
-        replayer = Replayer(recording, model, self.reader.optimizer_rule, data, tests.loss_fn, device=device,
-                            dtype=dtype, tolerance=self.tolerance, state_memory=budget // 2, progress=progress)
-        devices = [device] if device.type == "cuda" else []
+        return Replayer(StoreRecording(self.reader, model), model, self.reader.optimizer_rule, data, loss_fn,
+                        device=device, dtype=dtype, tolerance=self.tolerance, state_memory=budget // 2,
+                        progress=progress)
+
+    @contextmanager
+    def _replaying(self, model, replayer: Replayer):
+        """Replayed dropout leaves the user's generators alone, a run of this model being tracked does not see the
+        replay's forwards, the model is in training mode meanwhile, and what was verified is remembered."""
+        devices = [replayer.device] if replayer.device.type == "cuda" else []
         was_training = model.training
         try:
-            # replayed dropout leaves the user's generators alone; a run of this model being tracked does not see
-            # the replay's forwards
             with torch.random.fork_rng(devices=devices), paused():
                 model.train()
-                walked = replayer.walk(vectors, col, n_cols)
+                yield
         finally:
             model.train(was_training)
-            self.drift = dict(replayer.drift)
+            self.drift.update(replayer.drift)
+            self.verified.update(c for c, d in replayer.drift.items() if d <= replayer.tolerance)
+
+    def _warn_if_running(self) -> None:
+        if self.reader.status.startswith("running"):
+            warnings.warn(f"The run in {self.reader.where!r} is still being written: replay answers for training "
+                          f"stopped at its last committed checkpoint (step {self.reader.steps}).", RuntimeWarning,
+                          stacklevel=5)
+
+    def dot(self, tests: TestPoints, checkpoints, col: np.ndarray, n_cols: int, *, budget: int,
+            progress: Progress | None = None, engine: str = "numpy") -> np.ndarray:
+        col = self.check_col(col, n_cols)
+        stops = self.checkpoint_indices(checkpoints)
+        self._warn_if_running()
+        distinct = sorted(set(stops))
+        steps = int(self.reader.checkpoint_steps[distinct[-1]])
+        if progress is not None:
+            progress.plan(len(distinct) * self.gradient_batches(len(tests)) + 2 * steps)
+        replayer = self._replayer(tests.model, tests.loss_fn, budget, progress)
+        vectors = {c: self._vectors(tests, c, progress) for c in distinct}
+        with self._replaying(tests.model, replayer):
+            walked = replayer.walk(vectors, col, n_cols)
         m = tests.n_vectors
         rows = {c: walked[i * m:(i + 1) * m] for i, c in enumerate(distinct)}
         out = torch.stack([rows[c].T for c in stops]).numpy()  # (len(checkpoints), n_cols, m)
-        return out.astype(np.float64 if dtype == torch.float64 else np.float32, copy=False)
+        return out.astype(np.float64 if replayer.dtype == torch.float64 else np.float32, copy=False)
+
+    def counterfactual(self, model, loss_fn, weights: np.ndarray, *, budget: int,
+                       progress: Progress | None = None) -> tuple[torch.Tensor, dict]:
+        """(flat θ, buffers) at the last checkpoint had training weighted sample i's loss term by (1 + w_i),
+        same batches, same order (``Replayer.counterfactual``)."""
+        self._warn_if_running()
+        weights = np.asarray(weights, dtype=np.float64).reshape(-1)
+        if len(weights) != self.reader.n_train:
+            raise ValueError(f"weights: one per training sample ({self.reader.n_train}), got {len(weights)}.")
+        steps = int(self.reader.checkpoint_steps[-1])
+        unverified = sum(int(self.reader.checkpoint_steps[c] - self.reader.checkpoint_steps[c - 1])
+                         for c in range(1, len(self.reader.checkpoint_steps)) if c not in self.verified)
+        if progress is not None:
+            progress.plan(steps + unverified)
+        replayer = self._replayer(model, loss_fn, budget, progress)
+        with self._replaying(model, replayer):
+            state, buffers = replayer.counterfactual(weights, self.verified)
+        flat = torch.cat([p.reshape(-1) for p in state.params])
+        return flat, buffers
 
     def _vectors(self, tests: TestPoints, c: int, progress: Progress | None) -> torch.Tensor:
         """g_r(θ_c): the test gradients at checkpoint c, summed by ``tests.weights`` if it has them."""

@@ -179,7 +179,7 @@ class Explorer(anywidget.AnyWidget):
         if s is not None:
             store = {"path": str(self._path), "status": s.status, "mode": s.mode, "steps": int(s.steps),
                      "checkpoints": len(s.checkpoint_steps), "n_tracked": int(len(s.tracked_indices)),
-                     "n_train": int(s.n_train)}
+                     "n_train": int(s.n_train), "replays": bool(s.replays)}
         features = self.train.feature_names or self.test.feature_names
         return {"test_kind": self.test.kind, "train_kind": self.train.kind, "n_test": len(self.test),
                 "n_train": len(self.train), "train_classes": labels["train"], "test_classes": labels["test"],
@@ -352,6 +352,35 @@ class Explorer(anywidget.AnyWidget):
         return {**shown, "test": test, "label": int(self.test.label_of([test])[0]), "predicted": int(pred[test]),
                 "candidates": candidates, "step": int(self._store.steps), "mode": mode, "upgrade": upgrade,
                 "groups": {name: self._cards(ids, scores) for name, (ids, scores) in groups.items()}}
+
+    def verify(self, test_index: int, remove, progress=False) -> dict:
+        """What if training had not seen ``remove``? The run replayed with their loss terms weighted 0 (same batches,
+        ``Store.replay_without``): test sample ``test_index``'s loss and prediction before and after, beside the
+        change its contributions predict, Σ_{i ∈ remove} contributions[z, i] (in the best mode available)."""
+        s = self._need_store()
+        remove = sorted({int(i) for i in remove})
+        if not remove:
+            raise ValueError("Pick one or more cards first (click them): they are the training samples to leave out.")
+        j = int(test_index)
+        loss_fn = s._loss(self._loss_fn)
+        without = s.replay_without(self.model, remove, train_data=self._train_data, loss_fn=self._loss_fn,
+                                   progress=progress)
+        x, y = self.test.batch([j])
+        before_model = self._model_at_checkpoint()
+        with torch.no_grad():
+            before = float(loss_fn(before_model(x), y).sum())
+            after = float(loss_fn(without(x), y).sum())
+        mode = self.mode_for()
+        row = self.contribution_row(j, mode=mode)
+        position = {int(i): a for a, i in enumerate(s.source(mode, train_data=self._train_data).tracked)}
+        predicted = float(sum(row[position[i]] for i in remove if i in position))
+        return {"test": j, "removed": remove, "loss_before": before, "loss_after": after,
+                "actual_change": after - before, "predicted_change": predicted, "mode": mode,
+                "predicted_before": int(predicted_classes(before_model, x)[0]),
+                "predicted_after": int(predicted_classes(without, x)[0]), "label": int(self.test.label_of([j])[0])}
+
+    def _handle_verify(self, test: int, train, progress=None) -> dict:
+        return self.verify(test, train, progress=progress)
 
     def trajectories(self, test_index: int, train_indices, progress=False,
                      mode: str | None = None) -> tuple[np.ndarray, np.ndarray]:
