@@ -12,6 +12,9 @@ step for ``--n-test`` test gradients, once per curvature model C_t, at full dime
 * ``fisher``: C_t = Σ_b s_b u_b u_bᵀ from the true full-dimensional per-sample gradients (what
   ``curvature="fisher"`` estimates from a log tracked with ``projection_dim=None``);
 * ``ggn from rows``: the same with the trace-matched weights ω_b of ``curvature="ggn"``;
+* ``ggn from rows, exact last layer``: the same, with its output-layer block replaced by that layer's
+  exact GGN, Λ_b ⊗ [a_b; 1][a_b; 1]ᵀ (a_b: the layer's input), which a log could provide where the output
+  layer's weight gradient δ_b a_bᵀ lets a_b be solved for;
 * ``none``: fast mode.
 
 Each row reports the Spearman correlation with the ``hessian`` walk per test point over all N training
@@ -41,7 +44,8 @@ from curvature_agreement import SETTINGS  # noqa: E402
 
 from hydra_nb.hypergrad import transitions  # noqa: E402
 
-MODELS = ("none", "hessian", "hessian ×0.9", "hessian ×1.1", "ggn", "fisher", "ggn from rows")
+MODELS = ("none", "hessian", "hessian ×0.9", "hessian ×1.1", "ggn", "fisher", "ggn from rows",
+          "ggn from rows, exact last layer")
 
 
 def flat_layout(model):
@@ -99,6 +103,13 @@ def run_setting(setting, seed: int, n_test: int, epochs: int | None):
                          in_dims=(None, 0, 0))(theta, xq, yq)
     rho = {m: (-Gt.clone(), torch.zeros_like(Gt)) for m in MODELS}
     acc = {m: np.zeros((n_test, len(y))) for m in MODELS}
+    last = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
+    lw = names.index([n for n, p in model.named_parameters() if p is last.weight][0])
+    lo_last = int(sum(sizes[:lw]))  # output layer: weight (C, h) then bias (C), the last parameters
+    assert lo_last + last.weight.numel() + last.bias.numel() == sum(sizes)
+    C_out, h_in = last.weight.shape
+    feats = {}
+    last.register_forward_hook(lambda mod, inp, out: feats.__setitem__("a", inp[0].detach()))
     per_sample = torch.func.vmap(torch.func.jacrev(lambda v, xi: logits(v, xi[None])[0]), in_dims=(None, 0))
     start = time.perf_counter()
     for t in range(T - 1, -1, -1):
@@ -108,6 +119,7 @@ def run_setting(setting, seed: int, n_test: int, epochs: int | None):
         J = per_sample(th, x[idx])  # (B, C, D)
         with torch.no_grad():
             p = torch.softmax(logits(th, x[idx]), 1)
+            a_in = feats["a"]  # (B, h): the output layer's inputs
         delta = p - F.one_hot(y[idx], p.shape[1]).to(dt)
         U = torch.einsum("bcd,bc->bd", J, delta) / B  # rows as they entered .grad (mean loss)
         lam = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
@@ -129,6 +141,17 @@ def run_setting(setting, seed: int, n_test: int, epochs: int | None):
                 new_h = new_h + ((a @ U.T) * B) @ U
             elif m == "ggn from rows":
                 new_h = new_h + ((a @ U.T) * (B * omega)[None, :]) @ U
+            elif m == "ggn from rows, exact last layer":
+                rank1 = ((a @ U.T) * (B * omega)[None, :]) @ U
+                rank1_LL = ((a[:, lo_last:] @ U[:, lo_last:].T) * (B * omega)[None, :]) @ U[:, lo_last:]
+                aW = a[:, lo_last:lo_last + C_out * h_in].reshape(-1, C_out, h_in)
+                ab = a[:, lo_last + C_out * h_in:]
+                Jv = torch.einsum("nch,bh->nbc", aW, a_in) + ab[:, None, :]  # (n, B, C)
+                w = torch.einsum("bce,nbe->nbc", lam, Jv) / B
+                ggn_LL = torch.cat([torch.einsum("nbc,bh->nch", w, a_in).reshape(len(a), -1), w.sum(1)], 1)
+                extra = torch.zeros_like(a)
+                extra[:, lo_last:] = ggn_LL - rank1_LL
+                new_h = new_h + rank1 + extra
             rho[m] = (new_h, h * co[1][t] + b * co[3][t])
     truth = acc["hessian"]
     out = {}

@@ -224,36 +224,46 @@ def step_operator(spec: CurvatureSpec, rows: torch.Tensor, eta_max: float):
 
 # -- the trace, as per-coordinate transition coefficients --------------------------------------
 class _Transitions:
-    """(A_t, e_t) per coordinate of the projected vector, for steps asked in descending order.
+    """The walk's per-step coefficients, for steps asked in descending order.
 
     ``trace``: field → array (steps, P) (numpy, zarr or the store's checked arrays), ``spans``: the
-    (start, stop) of each parameter's block in the projected vector.
+    (start, stop) of each parameter's block in the projected vector. ``at(t)`` returns the six
+    coefficients (A00, A01, A10, A11, e0, e1) of step t, each a Python float when every parameter
+    shares it (one optimizer group: the usual case, and cheaper to multiply by) or a (k,) tensor per
+    coordinate otherwise, and η_max (the largest learning rate of the step).
     """
 
-    def __init__(self, trace: Mapping, spans, transitions: Callable = _default_transitions):
+    def __init__(self, trace: Mapping, spans, dtype: torch.dtype, transitions: Callable = _default_transitions):
         self.trace = trace
         self.transitions = transitions
-        P = len(spans)
+        self.dtype = dtype
         k = max((b for _, b in spans), default=0)
         owner = np.full(k, -1, dtype=np.int64)
         for p, (a, b) in enumerate(spans):
             owner[a:b] = p
         if (owner < 0).any():
             raise ValueError("spans must cover every coordinate of the projected vector.")
-        self.owner, self.P, self.k = owner, P, k
+        self.owner, self.k = torch.from_numpy(owner), k
         self._lo = self._hi = 0
-        self._A = self._e = None
 
-    def at(self, t: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(A (P, 2, 2), e (P, 2), lr (P,)) of step t."""
+    def _load(self, t: int) -> None:
+        lo = max(0, t + 1 - _TRACE_WINDOW)
+        window = {f: np.asarray(a[lo:t + 1]) for f, a in self.trace.items()}
+        A, e = self.transitions(window)
+        self._coef = np.stack([A[..., 0, 0], A[..., 0, 1], A[..., 1, 0], A[..., 1, 1], e[..., 0], e[..., 1]], 1)
+        self._uniform = (self._coef.max(-1) == self._coef.min(-1)).all(1)  # (W,): one value per coefficient
+        self._lr = np.abs(window["lr"].astype(np.float64)).max(1)
+        self._lo, self._hi = lo, t + 1
+
+    def at(self, t: int):
         if not (self._lo <= t < self._hi):
-            lo = max(0, t + 1 - _TRACE_WINDOW)
-            window = {f: np.asarray(a[lo:t + 1]) for f, a in self.trace.items()}
-            self._A, self._e = self.transitions(window)
-            self._lr = window["lr"].astype(np.float64)
-            self._lo, self._hi = lo, t + 1
+            self._load(t)
         i = t - self._lo
-        return self._A[i], self._e[i], self._lr[i]
+        c = self._coef[i]
+        if self._uniform[i]:
+            return [float(v) for v in c[:, 0]], float(self._lr[i])
+        coef = torch.from_numpy(c).to(self.dtype)[:, self.owner]
+        return list(coef), float(self._lr[i])
 
 
 # -- the backward walk ---------------------------------------------------------------------------
@@ -277,78 +287,74 @@ def walk(tests: torch.Tensor, stops, blocks: Iterable[Block], trace: Mapping, sp
     stops = np.asarray(stops, dtype=np.int64).reshape(-1)
     if len(stops) != n_stops:
         raise ValueError("tests must have one (n, k) slice per stop.")
+    col = np.asarray(col, dtype=np.int64)
     order = np.argsort(-stops, kind="stable")  # live stops form a prefix as the walk descends
     sorted_stops = stops[order]
     rho_h = tests[torch.from_numpy(order)].reshape(n_stops * n, k).clone()
     rho_b = torch.zeros_like(rho_h)
     acc = torch.zeros(n_cols, n_stops * n, dtype=dtype)
-    tr = _Transitions(trace, spans, transitions)
+    tr = _Transitions(trace, spans, dtype, transitions)
     if tr.k != k:
         raise ValueError(f"tests have {k} coordinates, the spans {tr.k}.")
-    owner = torch.from_numpy(tr.owner)
     top = int(sorted_stops[0]) if n_stops else 0
     state = {"t": top - 1}
 
     def advance(to: int, rows_of) -> None:
-        """Walk steps state.t, …, ``to`` (inclusive, descending); ``rows_of(t)`` gives step t's rows."""
+        """Walk steps state.t, …, ``to`` (inclusive, descending); ``rows_of(t)`` gives step t's (rows, samples)."""
         t = state["t"]
         while t >= to:
             live = int(np.searchsorted(-sorted_stops, -t, side="left")) * n  # stops > t
-            A, e, lr = tr.at(t)
-            co = {name: torch.from_numpy(v).to(dtype)[owner] for name, v in (
-                ("a00", A[:, 0, 0]), ("a01", A[:, 0, 1]), ("a10", A[:, 1, 0]), ("a11", A[:, 1, 1]),
-                ("e0", e[:, 0]), ("e1", e[:, 1]))}
+            (a00, a01, a10, a11, e0, e1), eta_max = tr.at(t)
             h, b = rho_h[:live], rho_b[:live]
-            a = h * co["e0"] + b * co["e1"]
+            a = h * e0 + b * e1
             rows, samples = rows_of(t)
             op = None
             if rows is not None and len(samples):
-                scores = rows @ a.T  # (m, live)
                 target = col[samples]
                 keep = target >= 0
-                if keep.any():
-                    acc[:, :live].index_add_(0, torch.from_numpy(target[keep]), scores[torch.from_numpy(keep)])
-                op = step_operator(spec, rows, float(np.max(np.abs(lr))) if lr.size else 0.0)
-            new_h = h * co["a00"] + b * co["a10"]
+                if keep.all():
+                    acc[:, :live].index_add_(0, torch.from_numpy(target), rows @ a.T)
+                elif keep.any():
+                    acc[:, :live].index_add_(0, torch.from_numpy(target[keep]), rows[torch.from_numpy(keep)] @ a.T)
+                op = step_operator(spec, rows, eta_max)
+            new_h = h * a00 + b * a10
             if op is not None:
                 new_h += op.apply(a)
-            b.copy_(h * co["a01"] + b * co["a11"])
+            b.mul_(a11).add_(h * a01)
             h.copy_(new_h)
             t -= 1
         state["t"] = t
 
-    carry = None  # rows of the lowest step of the previous block, which may continue in this one
+    carry = None  # (step, rows, samples) of the previous block's lowest step, which may continue in this one
     for rows_np, samples, steps in blocks:
         samples = np.asarray(samples, dtype=np.int64)
         steps = np.asarray(steps, dtype=np.int64)
-        rows = torch.as_tensor(np.asarray(rows_np)).to(dtype)
-        if carry is not None:
-            rows = torch.cat([rows, carry[0]])
-            samples = np.concatenate([samples, carry[1]])
-            steps = np.concatenate([steps, carry[2]])
-            carry = None
         if len(steps) == 0:
             continue
         if (np.diff(steps) < 0).any():
             raise ValueError("each block's rows must be in ascending step order.")
-        lowest = int(steps[0])
-        held = steps == lowest
-        carry = (rows[torch.from_numpy(held)], samples[held], steps[held])
+        rows = torch.as_tensor(np.asarray(rows_np)).to(dtype)
         bounds = {int(t): (int(a), int(b)) for t, a, b in _runs(steps)}
+        lowest = int(steps[0])
 
-        def rows_of(t, rows=rows, samples=samples, bounds=bounds):
-            if t not in bounds:
-                return None, ()
-            a, b = bounds[t]
-            return rows[a:b], samples[a:b]
+        def rows_of(t, rows=rows, samples=samples, bounds=bounds, carry=carry):
+            part = bounds.get(t)
+            r, s = (rows[part[0]:part[1]], samples[part[0]:part[1]]) if part else (None, None)
+            if carry is not None and t == carry[0]:  # the rest of the step, read with the previous block
+                r = carry[1] if r is None else torch.cat([r, carry[1]])
+                s = carry[2] if s is None else np.concatenate([s, carry[2]])
+            return (r, s) if r is not None else (None, ())
 
         advance(lowest + 1, rows_of)
+        a, b = bounds[lowest]
+        held_rows, held_samples = rows[a:b].clone(), samples[a:b]
+        if carry is not None and carry[0] == lowest:
+            held_rows, held_samples = torch.cat([held_rows, carry[1]]), np.concatenate([held_samples, carry[2]])
+        carry = (lowest, held_rows, held_samples)
         if progress is not None:
             progress()
     if carry is not None:
-        c_rows, c_samples, c_steps = carry
-        lowest = int(c_steps[0])
-        advance(lowest, lambda t: (c_rows, c_samples) if t == lowest else (None, ()))
+        advance(carry[0], lambda t: (carry[1], carry[2]) if t == carry[0] else (None, ()))
     advance(0, lambda t: (None, ()))
     out = acc.reshape(n_cols, n_stops, n).permute(1, 0, 2)
     result = torch.empty_like(out)
