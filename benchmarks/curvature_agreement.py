@@ -1,10 +1,11 @@
 """Curvature-aware estimates (hydra_nb.curvature) against the exact derivative, next to fast mode.
 
-For each setting, one training run is tracked twice from the same initial weights and batch order:
-in ``mode="fast"`` with ``projection_dim=1024`` (the log a user has) and in ``mode="exact"`` with every
-training sample tracked and ``projection_dim=None`` (the truth: exact h for all N samples, and the full-
-dimensional log). The two runs must end at the same parameters (checked). Every estimator reads the
-fast store's log; the ``full`` rows repeat them on the full-dimensional log (projection error removed).
+For each setting, one training run is tracked three times from the same initial weights and batch order:
+in ``mode="fast"`` with ``projection_dim=1024`` (the log a user has), in ``mode="fast"`` with
+``projection_dim=None`` (the full-dimensional log) and in ``mode="exact"`` with ``--n-exact`` random
+training samples tracked (default all N; the truth: their exact h). The runs must end at the same
+parameters (checked). Every estimator reads the k = 1024 log; ``Spearman full dim`` repeats it on the
+full-dimensional log (projection error removed). Agreement is over the exactly tracked samples.
 
 Truth comes from one function, :func:`exact_truth`; when reverse-mode replay lands it becomes
 ``fast_store.contributions(model, x, y, mode="exact", train_data=(x_train, y_train))`` on the same store.
@@ -90,6 +91,7 @@ class Run:
 
     setting: Setting
     fast: object
+    full: object
     exact: object
     model: torch.nn.Module
     data: tuple
@@ -100,13 +102,15 @@ def _model(name: str, dtype, seed: int):
     return fc.make_model(name, seed, dtype=dtype)
 
 
-def train_run(setting: Setting, seed: int, where: Path, epochs: int | None = None) -> Run:
-    """Train ``setting`` under a fast (k=1024) and an exact (all N, full dimension) tracker from one init."""
+def train_run(setting: Setting, seed: int, where: Path, epochs: int | None = None, n_exact: int | None = None) -> Run:
+    """Train ``setting`` under fast (k = 1024), fast (full dimension) and exact trackers from one init."""
     epochs = epochs or setting.epochs
     x, y, xt, yt = fc.digits(setting.model, dtype=setting.dtype)
     init = _model(setting.model, setting.dtype, seed).state_dict()
     finals, seconds = {}, {}
-    for mode in ("fast", "exact"):
+    tracked = np.arange(len(y)) if n_exact is None or n_exact >= len(y) else \
+        np.sort(np.random.default_rng(seed).choice(len(y), n_exact, replace=False))
+    for name, mode in (("fast", "fast"), ("full", "fast"), ("exact", "exact")):
         model = _model(setting.model, setting.dtype, seed)
         model.load_state_dict(init)
         loader = DataLoader(TensorDataset(x, y), batch_size=setting.batch_size, shuffle=True,
@@ -115,10 +119,10 @@ def train_run(setting: Setting, seed: int, where: Path, epochs: int | None = Non
                               weight_decay=setting.weight_decay)
         sched = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * len(loader))
                  if setting.cosine else None)
-        kw = dict(projection_dim=1024) if mode == "fast" else dict(
-            projection_dim=None, exact_indices=np.arange(len(y)), hvp_batch=256)
+        kw = {"fast": dict(projection_dim=1024), "full": dict(projection_dim=None),
+              "exact": dict(projection_dim=None, exact_indices=tracked, hvp_batch=256)}[name]
         t0 = time.perf_counter()
-        with hydra_nb.track(model, loader, store=str(where / f"{mode}.zarr"), optimizer=opt, mode=mode,
+        with hydra_nb.track(model, loader, store=str(where / f"{name}.zarr"), optimizer=opt, mode=mode,
                             checkpoint_every="epoch", overwrite=True, **kw) as tracker:
             for _ in range(epochs):
                 model.train()
@@ -128,28 +132,29 @@ def train_run(setting: Setting, seed: int, where: Path, epochs: int | None = Non
                     opt.step()
                     if sched is not None:
                         sched.step()
-        seconds[mode] = time.perf_counter() - t0
+        seconds[name] = time.perf_counter() - t0
         if tracker.failure is not None:
             raise RuntimeError(f"tracking failed: {tracker.failure!r}")
-        finals[mode] = fc.flat_params(model)
-    drift = float((finals["fast"] - finals["exact"]).norm() / finals["exact"].norm())
+        finals[name] = fc.flat_params(model)
+    drift = max(float((finals[n] - finals["exact"]).norm() / finals["exact"].norm()) for n in ("fast", "full"))
     if drift > 0:
         raise RuntimeError(f"the fast and exact runs ended at different parameters (rel. {drift:.1e}): "
                            "the comparison would not be of the same training run")
     model.eval()
-    return Run(setting, hydra_nb.open_store(where / "fast.zarr"), hydra_nb.open_store(where / "exact.zarr"),
+    return Run(setting, *(hydra_nb.open_store(where / f"{n}.zarr") for n in ("fast", "full", "exact")),
                model, (x, y, xt, yt), seconds)
 
 
-def exact_truth(run: Run, xq, yq, checkpoint: int) -> np.ndarray:
-    """contributions[j, i] = −∂L(z_j; θ_S)/∂w_i for all N samples: the truth every estimator is scored against.
+def exact_truth(run: Run, xq, yq, checkpoint: int) -> tuple[np.ndarray, np.ndarray]:
+    """(samples, contributions[j, a] = −∂L(z_j; θ_S)/∂w_{samples[a]}): the truth every estimator is scored against.
 
-    Today: forward exact mode with every sample tracked. With reverse-mode replay this becomes
-    ``run.fast.contributions(run.model, xq, yq, mode="exact", checkpoint=checkpoint, train_data=run.data[:2])``.
+    Today: forward exact mode with ``--n-exact`` samples tracked. With reverse-mode replay this becomes
+    ``np.arange(N), run.fast.contributions(run.model, xq, yq, mode="exact", checkpoint=checkpoint,
+    train_data=run.data[:2])``, all N samples.
     """
     out = run.exact.contributions(run.model, xq, yq, mode="exact", checkpoint=checkpoint, progress=False)
     order = np.argsort(run.exact.tracked_indices)
-    return out[:, order]
+    return run.exact.tracked_indices[order], out[:, order]
 
 
 def estimate(store, run: Run, name: str, xq, yq, checkpoint: int, block_rows: int = 8192):
@@ -210,6 +215,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--repeats", type=int, default=2, help="timings: best of this many, alternating")
     ap.add_argument("--full", action="store_true", help="also run each estimator on the full-dimensional log")
+    ap.add_argument("--n-exact", type=int, default=None, help="training samples tracked exactly (default: all N)")
+    ap.add_argument("--tag", default="", help="suffix of the JSON file's name")
     ap.add_argument("--dir", default=None, help="scratch folder for the stores")
     args = ap.parse_args(argv)
     names = args.settings or (["quickstart"] if args.quick else list(SETTINGS))
@@ -225,7 +232,7 @@ def main(argv=None) -> int:
         torch.set_default_dtype(setting.dtype)
         tmp = common.scratch_dir(args.dir, 400e6, "hydra_curv_")
         try:
-            run = train_run(setting, args.seed, tmp, epochs=2 if args.quick else None)
+            run = train_run(setting, args.seed, tmp, epochs=2 if args.quick else None, n_exact=args.n_exact)
             x, y, xt, yt = run.data
             xq, yq = xt[:n_test], yt[:n_test]
             model = run.model
@@ -239,9 +246,10 @@ def main(argv=None) -> int:
                 explained_row = explained
             checkpoints = {"epoch 1": 1, "last": run.fast._n_checkpoints - 1}
             entry = {"setting": sname, "config": vars(setting) | {"dtype": str(setting.dtype)},
-                     "train_seconds": run.train_seconds, "explained_test_index": explained, "checkpoints": {}}
+                     "train_seconds": run.train_seconds, "explained_test_index": explained,
+                     "n_exact": len(run.exact.tracked_indices), "checkpoints": {}}
             for label, c in checkpoints.items():
-                truth = exact_truth(run, xq, yq, c)
+                cols, truth = exact_truth(run, xq, yq, c)
                 fast_vals, _ = fast_query(run, xq, yq, c)
                 per = {}
                 for name in args.estimators:
@@ -249,17 +257,14 @@ def main(argv=None) -> int:
                     if name == "fast":  # the walk without curvature is fast mode: the same numbers
                         err = np.abs(vals - fast_vals).max() / np.abs(fast_vals).max()
                         assert err < (1e-9 if setting.dtype == torch.float64 else 1e-3), err
+                    vals = vals[:, cols]
                     a = agreement(vals, truth)
                     per[name] = a
-                    if name != "fast":
-                        a_explained = agreement(vals[explained_row:explained_row + 1], truth[explained_row:explained_row + 1])
-                        a["explained_spearman"] = a_explained["spearman_mean"]
-                    else:
-                        a["explained_spearman"] = agreement(vals[explained_row:explained_row + 1],
-                                                            truth[explained_row:explained_row + 1])["spearman_mean"]
+                    a["explained_spearman"] = agreement(vals[explained_row:explained_row + 1],
+                                                        truth[explained_row:explained_row + 1])["spearman_mean"]
                     if args.full:
-                        fvals, _ = estimate(run.exact, run, name, xq, yq, c)
-                        per[name + " (full dim)"] = agreement(fvals, truth)
+                        fvals, _ = estimate(run.full, run, name, xq, yq, c)
+                        per[name + " (full dim)"] = agreement(fvals[:, cols], truth)
                 entry["checkpoints"][label] = {"step": int(run.fast.checkpoint_steps[c]), "estimators": per}
             # cost, at the last checkpoint: alternate fast query and each walk, best of --repeats
             c = checkpoints["last"]
@@ -288,11 +293,15 @@ def main(argv=None) -> int:
                 rows.append(row)
             print(f"[{sname}] done: train {run.train_seconds}, fast query {best['fast query']:.2f} s", flush=True)
             common.print_table([r for r in rows if r["setting"] == sname], digits=3)
+            common.write_json("curvature_agreement_partial" + args.tag, {"config": vars(args), "runs": results,
+                                                                         "table": rows})
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-    common.print_table(rows, digits=3, title=f"Curvature-aware estimates vs exact, {n_test} test points × all N "
+    exact_note = "all N" if args.n_exact is None else f"{args.n_exact} random"
+    common.print_table(rows, digits=3, title=f"Curvature-aware estimates vs exact, {n_test} test points × {exact_note} "
                                              f"training samples, last checkpoint (seed {args.seed})")
-    session.finish("curvature_agreement", "_quick" if args.quick else "", vars(args), runs=results, table=rows)
+    session.finish("curvature_agreement", ("_quick" if args.quick else "") + args.tag, vars(args), runs=results,
+                   table=rows)
     return 0
 
 
