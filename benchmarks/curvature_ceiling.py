@@ -12,10 +12,16 @@ step for ``--n-test`` test gradients, once per curvature model C_t, at full dime
 * ``fisher``: C_t = Σ_b s_b u_b u_bᵀ from the true full-dimensional per-sample gradients (what
   ``curvature="fisher"`` estimates from a log tracked with ``projection_dim=None``);
 * ``ggn from rows``: the same with the trace-matched weights ω_b of ``curvature="ggn"``;
+* ``ggn from rows, Rayleigh weight``: the alternative weight ω_b = δ_bᵀΛ_bδ_b/‖δ_b‖⁴ (the GGN's curvature
+  along δ_b alone; as exact as the trace-matched weight for two classes);
 * ``ggn from rows, exact last layer``: the same, with its output-layer block replaced by that layer's
   exact GGN, Λ_b ⊗ [a_b; 1][a_b; 1]ᵀ (a_b: the layer's input), which a log could provide where the output
   layer's weight gradient δ_b a_bᵀ lets a_b be solved for;
 * ``none``: fast mode.
+
+Also reported per setting: the share of the exact contribution matrix's energy in its top three singular
+values (a few dominant directions make rankings fragile), and η·λ_max of the full training loss's Hessian
+at each epoch's end (subspace iteration on HVPs), against the stability threshold 2(1 + μ).
 
 Each row reports the Spearman correlation with the ``hessian`` walk per test point over all N training
 samples (mean), sign agreement and the median |estimate|/|exact|. If the true GGN falls short of a target,
@@ -45,7 +51,7 @@ from curvature_agreement import SETTINGS  # noqa: E402
 from hydra_nb.hypergrad import transitions  # noqa: E402
 
 MODELS = ("none", "hessian", "hessian ×0.9", "hessian ×1.1", "ggn", "fisher", "ggn from rows",
-          "ggn from rows, exact last layer")
+          "ggn from rows, Rayleigh weight", "ggn from rows, exact last layer")
 
 
 def flat_layout(model):
@@ -53,6 +59,21 @@ def flat_layout(model):
     shapes = [p.shape for _, p in model.named_parameters()]
     sizes = [p.numel() for _, p in model.named_parameters()]
     return names, shapes, sizes
+
+
+def _sharpness(model, logits, x, y, thetas, lrs, steps_per_epoch: int, iters: int = 40) -> list[float]:
+    """η·λ_max of the full training loss's Hessian at each epoch's end (subspace iteration, 4 vectors)."""
+    out = []
+    for t in range(steps_per_epoch, len(thetas), steps_per_epoch):
+        th = thetas[t]
+        g = torch.func.grad(lambda v: F.cross_entropy(logits(v, x), y))
+        hvp = torch.func.vmap(lambda u: torch.func.jvp(g, (th,), (u,))[1])
+        Q, _ = torch.linalg.qr(torch.randn(len(th), 4, dtype=th.dtype, generator=torch.Generator().manual_seed(0)))
+        for _ in range(iters):
+            Q, _ = torch.linalg.qr(hvp(Q.T).T)
+        lam = float(torch.linalg.eigvalsh(Q.T @ hvp(Q.T).T).max())
+        out.append(lrs[min(t, len(lrs)) - 1] * lam)
+    return out
 
 
 def run_setting(setting, seed: int, n_test: int, epochs: int | None):
@@ -123,7 +144,9 @@ def run_setting(setting, seed: int, n_test: int, epochs: int | None):
         delta = p - F.one_hot(y[idx], p.shape[1]).to(dt)
         U = torch.einsum("bcd,bc->bd", J, delta) / B  # rows as they entered .grad (mean loss)
         lam = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
-        omega = (1 - (p * p).sum(1)) / (delta * delta).sum(1).clamp_min(1e-150)
+        norm2 = (delta * delta).sum(1).clamp_min(1e-150)
+        omega = (1 - (p * p).sum(1)) / norm2
+        omega_ray = ((p * delta * delta).sum(1) - (p * delta).sum(1) ** 2) / norm2 ** 2
         grad_fn = torch.func.grad(lambda v: F.cross_entropy(logits(v, x[idx]), y[idx]))
         hvp = torch.func.vmap(lambda u: torch.func.jvp(grad_fn, (th,), (u,))[1])
         for m in MODELS:
@@ -141,6 +164,8 @@ def run_setting(setting, seed: int, n_test: int, epochs: int | None):
                 new_h = new_h + ((a @ U.T) * B) @ U
             elif m == "ggn from rows":
                 new_h = new_h + ((a @ U.T) * (B * omega)[None, :]) @ U
+            elif m == "ggn from rows, Rayleigh weight":
+                new_h = new_h + ((a @ U.T) * (B * omega_ray)[None, :]) @ U
             elif m == "ggn from rows, exact last layer":
                 rank1 = ((a @ U.T) * (B * omega)[None, :]) @ U
                 rank1_LL = ((a[:, lo_last:] @ U[:, lo_last:].T) * (B * omega)[None, :]) @ U[:, lo_last:]
@@ -154,7 +179,11 @@ def run_setting(setting, seed: int, n_test: int, epochs: int | None):
                 new_h = new_h + rank1 + extra
             rho[m] = (new_h, h * co[1][t] + b * co[3][t])
     truth = acc["hessian"]
-    out = {}
+    sv = np.linalg.svd(truth, compute_uv=False)
+    spectrum = {"top3_energy": float((sv[:3] ** 2).sum() / (sv ** 2).sum()),
+                "eta_lambda_max": _sharpness(model, logits, x, y, thetas + [theta], lrs, len(loader)),
+                "threshold": 2 * (1 + mom)}
+    out = {"_spectrum": spectrum}
     for m in MODELS:
         rho_s = fc.spearman_rows(acc[m].T, truth.T)
         with np.errstate(divide="ignore", invalid="ignore"):
@@ -177,6 +206,11 @@ def main(argv=None) -> int:
     for name in args.settings:
         result, secs, T = run_setting(SETTINGS[name], args.seed, args.n_test, args.epochs)
         runs.append({"setting": name, "steps": T, "walk_seconds": secs, "models": result})
+        spec = result.pop("_spectrum")
+        runs[-1]["spectrum"] = spec
+        print(f"[{name}] top-3 singular values carry {spec['top3_energy']:.1%} of the exact matrix's energy; "
+              f"η·λ_max at the epochs' ends {np.round(spec['eta_lambda_max'], 2).tolist()} "
+              f"(threshold {spec['threshold']:.1f})", flush=True)
         for m, r in result.items():
             rows.append({"setting": name, "steps": T, "curvature": m, "Spearman mean": r["spearman_mean"],
                          "median": r["spearman_median"], "sign agr.": r["sign"], "|est|/|exact|": r["scale"]})
