@@ -15,7 +15,9 @@ replaces C_t by an estimate C̃_t built from the log rows of step t alone (the p
     (h̃, b̃) ← A_t·(h̃, b̃) + e_t·(C̃_t·h̃ + ũ_t)                                                   (2)
 
 A_t and e_t act per coordinate (one 2×2 block per parameter, expanded over the parameter's span of
-the projected vector). Fast mode is C̃ = 0.
+the projected vector). Fast mode is C̃ = 0. The estimates below assume SGD's recursion, where
+C_t = H_t and the rows are u = c·∇ℓ; for Adam/AdamW the term is D_t·H_t·h and the rows are
+preconditioned (r = P·(D_t ⊙ u)), which these estimates do not model (``docs/curvature.md``).
 
 **The walk (adjoint form).** The recursion is linear in the injections, so for a test vector g
 (a projected test gradient at θ_S) the score of every row is one backward walk from S:
@@ -75,7 +77,9 @@ Stability: the backward product of (I − η·C̃_t) grows without bound once η
 stability threshold (2 without momentum, 2(1 + μ) with heavy-ball momentum μ) — which training itself
 avoids for H_t, but a Fisher estimate can overshoot. ``clip`` (a number) caps η_max·λ(C̃_t) at ``clip``
 by shrinking the offending eigenvalues of the low-rank C̃_t (an eigendecomposition of its m×m Gram
-matrix, m²·k per step); None leaves C̃_t as estimated.
+matrix, m²·k per step); None leaves C̃_t as estimated. Measured (``docs/curvature.md``): the cap does
+not stop the Fisher's divergence with heavy-ball momentum, which comes from a curvature that changes
+every step (a parametrically driven oscillator), not from one unstable step; ``"ggn"`` stayed bounded.
 
 **Projection.** Fast mode commutes with any fixed linear P. The curvature estimate does not: its
 C̃_t = Σ s_b·Pu_b(Pu_b)ᵀ, and running (2) in k dimensions computes ⟨Pg, h̃⟩ = ⟨g, h⟩ of the full recursion
@@ -110,7 +114,7 @@ class CurvatureSpec:
     loss (``"mean"``: s_b = rows of the step; ``"sum"``: s_b = 1).
     """
 
-    kind: str = "fisher"
+    kind: str
     batch_reduction: str = "mean"
     clip: float | None = None
     logit_bias: tuple[int, int] | None = None
