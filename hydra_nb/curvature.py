@@ -144,6 +144,34 @@ def output_bias_span(projection_json: dict, name: str) -> tuple[int, int]:
     raise ValueError(f"no parameter {name!r} in the projection (have: {[b['name'] for b in projection_json['blocks']]}).")
 
 
+def find_output_bias(projection_json: dict, rows: np.ndarray) -> tuple[int, int] | None:
+    """The span of the output layer's bias in the log's rows, if the rows show softmax cross-entropy; else None.
+
+    With a softmax cross-entropy loss and one-hot targets the output bias's gradient is c·(p − y): its
+    entries sum to zero and exactly one is negative (the label's, p_y − 1). The last unsketched
+    one-dimensional parameter (of at least two entries) whose every nonzero row in ``rows`` (a sample
+    of the log, (m, k)) has both properties is taken; none has them (another loss, label smoothing,
+    soft targets): None, and the ``"ggn"`` estimate is not available.
+    """
+    rows = np.asarray(rows, dtype=np.float64)  # float16 logs round to ~1e-3 of an entry: the tolerances below
+    found = None
+    for block in projection_json["blocks"]:
+        if block["sketch"] or block["cols"] != 1 or block["dim"] < 2:
+            continue
+        lo, hi = int(block["offset"]), int(block["offset"]) + int(block["dim"])
+        part = rows[:, lo:hi]
+        norm = np.abs(part).sum(1)
+        live = norm > 0
+        if not live.any():
+            continue
+        part, norm = part[live], norm[live]
+        zero_sum = np.abs(part.sum(1)) <= 1e-3 * norm
+        one_negative = (part < -1e-6 * norm[:, None]).sum(1) == 1
+        if zero_sum.all() and one_negative.all():
+            found = (lo, hi)
+    return found
+
+
 # -- one step's curvature operator ------------------------------------------------------------
 class _LowRank:
     """C̃ = Vᵀ·diag(w)·V (rows V (m, k)), or Vᵀ·Q·diag(w')·Qᵀ·V after clipping; ``apply(X) = X·C̃``."""

@@ -306,3 +306,22 @@ def test_bad_specs():
         cv.CurvatureSpec("fisher", batch_reduction="max")
     with pytest.raises(ValueError, match="clip"):
         cv.CurvatureSpec("fisher", clip=0)
+
+
+def test_find_output_bias(tmp_path):
+    """Cross-entropy rows: the output bias's rows sum to zero with one negative entry; other losses: None."""
+    X, Y, Xt, Yt = make_data(N=30)
+    model = make_mlp()
+    run, store = train_case(tmp_path, model, torch.optim.SGD(model.parameters(), lr=0.1), X, Y,
+                            projection_dim=32, store_dtype="float16", name="ce.zarr")
+    rows, _, _ = _log_arrays(store)
+    assert cv.find_output_bias(store.meta["projection"], rows) == cv.output_bias_span(store.meta["projection"], "2.bias")
+    model = make_mlp()  # the same network under a squared error on one-hot targets: no softmax rows
+    run, store = train_case(tmp_path, model, torch.optim.SGD(model.parameters(), lr=0.1), X, Y,
+                            loss_fn=squared_onehot, name="mse.zarr")
+    rows, _, _ = _log_arrays(store)
+    assert cv.find_output_bias(store.meta["projection"], rows) is None
+
+
+def squared_onehot(out, y):
+    return 0.5 * ((out - F.one_hot(y, out.shape[1]).to(out.dtype)) ** 2).sum(1)
