@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hydra_nb import curvature as cv
-from reference import (DT, Run, curvature_contributions, make_data, make_loader, make_mlp, rel_err, train,
+from reference import (DT, curvature_contributions, make_data, make_loader, make_mlp, rel_err,
                        tracked_training, unrolled_contributions)
 
 # Float64 sums of ≤ a few hundred terms per entry over ≤ 20 steps whose maps have norm ≤ ~2: rounding
