@@ -710,3 +710,101 @@ def adam_hessian_free_contributions(run: AdamRun, test_x, test_y, stops=None, lo
                 H[n] = decay * H[n] - c * D * M[n]
             theta[n] = decay * theta[n] - c * st["m"] * D
     return _contributions_at_stops(run, stops, hs, thetas, test_x, test_y, loss_fn)
+
+
+# ==========================================================================================
+# (c) curvature-aware estimates (hydra_nb.curvature): each estimator's own definition
+# ==========================================================================================
+def _curvature_matrix(kind: str, rows: torch.Tensor, s: float, *, bias=None, clip=None, eta_max=0.0):
+    """The estimator's C_t (D, D) from one step's full-dimensional injections ``rows`` (m, D), densely.
+
+    fisher: Σ_b s·u_b u_bᵀ;  ggn: Σ_b s·ω_b·u_b u_bᵀ, ω_b = tr(diag p_b − p_b p_bᵀ)/‖δ_b‖² with δ_b = s·u_b[bias]
+    and p_b = δ_b + onehot(argmin δ_b);  scalar: κ·I, κ = Σ_b u_bᵀ C_fisher u_b / Σ_b ‖u_b‖²;
+    diagonal: diag(Σ_b s·u_b²). ``clip``: eigenvalues above clip/eta_max set to clip/eta_max.
+    """
+    D = rows.shape[1]
+    fisher = sum((s * torch.outer(u, u) for u in rows), torch.zeros(D, D, dtype=DT))
+    if kind == "fisher":
+        C = fisher
+    elif kind == "ggn":
+        C = torch.zeros(D, D, dtype=DT)
+        for u in rows:
+            delta = s * u[bias[0]:bias[1]]
+            p = delta.clone()
+            p[int(delta.argmin())] += 1.0
+            p = p.clamp(0.0, 1.0)
+            omega = (1.0 - float((p * p).sum())) / float((delta * delta).sum())
+            C += s * omega * torch.outer(u, u)
+    elif kind == "scalar":
+        num = sum(float(u @ fisher @ u) for u in rows)
+        den = sum(float(u @ u) for u in rows)
+        kappa = num / den if den > 0 else 0.0
+        if clip is not None:
+            kappa = min(kappa, clip / eta_max)
+        return kappa * torch.eye(D, dtype=DT)
+    elif kind == "diagonal":
+        d = torch.diagonal(fisher).clone()
+        if clip is not None:
+            d = d.clamp_max(clip / eta_max)
+        return torch.diag(d)
+    else:
+        raise ValueError(kind)
+    if clip is not None:
+        lam, V = torch.linalg.eigh(0.5 * (C + C.T))
+        C = V @ torch.diag(lam.clamp_max(clip / eta_max)) @ V.T
+    return C
+
+
+def curvature_contributions(run: Run, test_x, test_y, kind: str, *, bias=None, clip=None,
+                            batch_reduction: str = "mean", loss_fn=None):
+    """Reference of ``hydra_nb.curvature``: the forward recursion of one (h, b) per sample, full dimension.
+
+    For every sample i and optimizer step t (SGD, written from torch's update rule like
+    ``hessian_free_contributions``), with C_t the estimator's matrix of the step's injections
+    (``_curvature_matrix``; s = the number of distinct samples of the step for a mean-reduced loss, 1 for sum):
+
+        v = C_t·h + λ·h + u_i;   b = v (first) | μ·b + (1−τ)·v;   s = v + μ·b (Nesterov) | b | v;   h ← h − η·s
+
+    Returns ``values`` (n_test, N) = −∇L(z_j; θ_T)ᵀ·h_T(i) with θ_T from the replay.
+    """
+    loss_fn = loss_fn or run.loss_fn
+    test_x, test_y = torch.as_tensor(test_x), torch.as_tensor(test_y)
+    if test_x.is_floating_point():
+        test_x = test_x.to(DT)
+    N = run.N
+    theta = {n: run.theta0[n].clone() for n in run.names}
+    H = torch.zeros(N, run.D, dtype=DT)
+    Bm = torch.zeros(N, run.D, dtype=DT)
+    buf: dict = {}
+    run.model.train()
+    for step in run.steps:
+        U, G = _step_injections(run, step, theta)
+        U = run.flatten(U, batch_dims=1)  # (N, D)
+        in_batch = sorted({int(i) for idx, *_ in step.calls for i in idx})
+        rows = U[in_batch]
+        s = float(len(in_batch)) if batch_reduction == "mean" else 1.0
+        eta_max = max(step.hyper[run.group_of_name[n]]["lr"] for n in run.names if step.active[n])
+        C = _curvature_matrix(kind, rows, s, bias=bias, clip=clip, eta_max=eta_max)
+        CH = H @ C.T  # row i: C·h_i
+        for n in run.names:
+            if not step.active[n]:
+                continue
+            sl = slice(run.offsets[n], run.offsets[n] + run.theta0[n].numel())
+            hp = step.hyper[run.group_of_name[n]]
+            lr, mom, damp, wd, nest = hp["lr"], hp["momentum"], hp["dampening"], hp["weight_decay"], hp["nesterov"]
+            d = G[n] + wd * theta[n]
+            v = CH[:, sl] + wd * H[:, sl] + U[:, sl]
+            if mom != 0:
+                if n not in buf:
+                    buf[n], Bm[:, sl] = d.clone(), v
+                else:
+                    buf[n] = mom * buf[n] + (1 - damp) * d
+                    Bm[:, sl] = mom * Bm[:, sl] + (1 - damp) * v
+                s_theta = d + mom * buf[n] if nest else buf[n]
+                s_h = v + mom * Bm[:, sl] if nest else Bm[:, sl]
+            else:
+                s_theta, s_h = d, v
+            theta[n] = theta[n] - lr * s_theta
+            H[:, sl] = H[:, sl] - lr * s_h
+    G_test = test_gradients(run, theta, test_x, test_y, loss_fn)
+    return {"values": (-(G_test @ H.T)).numpy(), "theta": run.flatten(theta), "h": H}
