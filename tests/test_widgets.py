@@ -149,6 +149,27 @@ def test_rankings_preview_then_exact_by_replay(run, front):
     np.testing.assert_allclose(traj["values"][:, 0], ref[0, :, 0], rtol=1e-6, atol=1e-9)
 
 
+def test_verify_retrains_without_the_cards_by_replay(run, front):
+    """The "what if" button: the selected test sample's loss and prediction after retraining (by replay, same
+    batches) without some training samples, beside the change their contributions predicted."""
+    store, model, train, test = run
+    remove = [1, 7]
+    r = front.ask("verify", test=3, train=remove)
+    without = store.replay_without(model, remove, train_data=train, progress=False)
+    x, y = test[0][3:4], test[1][3:4]
+    m = SmallCNN()
+    store.load_params(m)
+    with torch.no_grad():
+        before = float(F.cross_entropy(m.eval()(x), y))
+        after = float(F.cross_entropy(without(x), y))
+    assert r["removed"] == remove and r["mode"] == "replay"
+    assert r["loss_before"] == pytest.approx(before, rel=1e-5) and r["loss_after"] == pytest.approx(after, rel=1e-5)
+    c = store.contributions(model, x, y, mode="exact", train_data=train, progress=False)[0]
+    assert r["predicted_change"] == pytest.approx(float(c[remove].sum()), rel=1e-5, abs=1e-9)
+    content, _ = front.raw("verify", test=3, train=[])[-1]
+    assert not content["ok"] and "Pick one or more cards" in content["error"]
+
+
 def test_rankings_equal_store_top_k(run, front):
     store, model, train, test = run
     top = store.top_k(model, test[0][3:4], test[1][3:4], k=5, progress=False)

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import anywidget
 import numpy as np
+import torch
 import traitlets
 
 from ..data import Samples, as_samples, feature_stats_for, predicted_classes

@@ -12,6 +12,7 @@ import * as live from "./views/live.js";
 import * as rankings from "./views/rankings.js";
 import * as selfInfluence from "./views/selfInfluence.js";
 import * as trajectory from "./views/trajectory.js";
+import * as verify from "./views/verify.js";
 
 export function createExplorer({ model, el: host, doc = host.ownerDocument, client }) {
   const rpc = client || new Client(model, { timeoutMs: 1000 * (model.get("timeout_s") || 120) });
@@ -25,6 +26,7 @@ export function createExplorer({ model, el: host, doc = host.ownerDocument, clie
     gallery: gallery.create(context()),
     rankings: rankings.create(context()),
     trajectory: trajectory.create(context()),
+    verify: verify.create(context()),
     selfInfluence: selfInfluence.create(context()),
     classMatrix: classMatrix.create(context()),
   };
@@ -40,7 +42,7 @@ export function createExplorer({ model, el: host, doc = host.ownerDocument, clie
   tabExplain.addEventListener("click", () => ctx.set({ tab: "explain" }));
   tabTraining.addEventListener("click", () => ctx.set({ tab: "training" }));
   const explainView = E("div", { className: "hydra-view hydra-explain" }, [views.gallery.el,
-    E("div", { className: "hydra-panel hydra-detail" }, [views.rankings.el, views.trajectory.el])]);
+    E("div", { className: "hydra-panel hydra-detail" }, [views.rankings.el, views.trajectory.el, views.verify.el])]);
   const trainingView = E("div", { className: "hydra-view hydra-training" }, [views.selfInfluence.el,
     views.classMatrix.el]);
   root.append(E("div", { className: "hydra-header" }, [E("b", { text: "hydra_nb explorer" }), summary]),
@@ -98,6 +100,7 @@ export function createExplorer({ model, el: host, doc = host.ownerDocument, clie
   views.gallery.refresh();
   views.rankings.refresh();
   views.trajectory.refresh();
+  views.verify.refresh();
 
   return () => {
     for (const view of Object.values(views)) view.dispose();

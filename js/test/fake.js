@@ -121,6 +121,11 @@ export function python() {
     },
     self_influence: (p) => { calls.push(["self_influence", p]); return { total: 500, offset: p.offset, order: p.order, mode: "fast",
       range: packed("float64", [2], [-1, 9]), ...cards([3, 1, 4], [9, 5, 1]) }; },
+    verify: (p) => {
+      calls.push(["verify", p]);
+      return { test: p.test, removed: [...p.train].sort((a, b) => a - b), loss_before: 1.25, loss_after: 1.5,
+        actual_change: 0.25, predicted_change: 0.2, mode: "replay", predicted_before: 2, predicted_after: 1, label: 1 };
+    },
     class_matrix: () => { calls.push(["class_matrix"]); return { mode: "exact", train_classes: packed("int32", [3], [0, 1, 2]),
       test_classes: packed("int32", [3], [0, 1, 2]), mean: packed("float64", [3, 3], [1, -1, 0, 0, 2, -2, 0.5, 0, 1]),
       counts: packed("float64", [3, 3], new Array(9).fill(10)) }; },

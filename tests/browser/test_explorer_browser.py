@@ -69,7 +69,9 @@ def test_gallery_cards_trajectory(explorer_page, screenshots):
     assert border_colours(page, "[data-testid=hydra-card][data-group=harmful]") == {BAD}
     count, bad = text_overlaps(page, LABELS)
     assert count > 80 and bad == [], bad[:5]
-    assert page.locator(".hydra-rankings-view [data-testid=hydra-mode]").get_attribute("data-mode") == "fast"
+    # the fast ranking is a preview: the run replays, so the exact ranking replaces it, and says so
+    page.wait_for_selector(".hydra-rankings-view [data-testid=hydra-mode][data-mode=replay][data-preview=false]",
+                           timeout=120_000)
 
     # click two cards: their trajectories on one chart
     helpful.first.click()
@@ -90,6 +92,15 @@ def test_gallery_cards_trajectory(explorer_page, screenshots):
     assert readout.count("#") == 2
     shot = _shot(page, screenshots, "02-cards-trajectory", page.locator("[data-testid=hydra-explorer]"))
     publish_screenshot(shot, "explorer.png")
+
+    # verify in one click: retrain by replay without the two compared cards, before/after beside the prediction
+    page.click("[data-testid=hydra-verify-button]")
+    page.wait_for_selector("[data-testid=hydra-verify-loss]", timeout=120_000)
+    loss = page.locator("[data-testid=hydra-verify-loss]").inner_text()
+    assert loss.startswith("test loss ") and "\u2192" in loss and ": change " in loss
+    predicted = page.locator("[data-testid=hydra-verify-predicted]").inner_text()
+    assert predicted.startswith("the contributions predicted ") and "exact (replay)" in predicted
+    _shot(page, screenshots, "02b-verify", page.locator("[data-testid=hydra-explorer]"))
 
     # sorting and k: absolute ranking, k = 5
     page.select_option("[data-testid=hydra-sort]", "absolute")
