@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import math
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -133,6 +134,7 @@ class GradientCapture:
         self.suspended = False
         self.seconds = 0.0  # time spent in hooks (forward and backward)
         self._handles: list = []
+        self._accumulated: dict[int, tuple] = {}  # param index → (weakref to .grad, its version, backwards so far)
         tracked = {id(p): i for i, p in enumerate(params)}
         self.owners: list[Owner] = owners(model, tracked)
         covered = {b for owner in self.owners for _, b in owner.owned}
@@ -142,6 +144,8 @@ class GradientCapture:
 
     # -- lifecycle -----------------------------------------------------------------------
     def attach(self) -> None:
+        for i, p in enumerate(self.params):
+            self._handles.append(p.register_post_accumulate_grad_hook(self._grad_accumulated(i)))
         if self.batchnorm is not None:
             # the whole model's per-sample gradients, from its root calls and their BatchNorm statistics
             self._handles.append(self.model.register_forward_pre_hook(self._root_pre_hook))
@@ -169,6 +173,37 @@ class GradientCapture:
         self._handles.clear()
         self.passes.clear()
         self.fallback_calls.clear()
+        self._accumulated.clear()
+
+    def _grad_accumulated(self, i: int):
+        """A post-accumulate-grad hook: note which tensor ``.grad`` is, and its version, after each backward."""
+
+        def hook(param):
+            before = self._accumulated.get(i)
+            self._accumulated[i] = (weakref.ref(param.grad), param.grad._version, 1 + (before[2] if before else 0))
+
+        return hook
+
+    def grads_changed(self) -> bool:
+        """Whether ``check`` must run to trust ``.grad``, as far as the post-accumulate-grad hooks can tell: some
+        ``.grad`` was modified in place or replaced after the backward that last accumulated into it (gradient
+        clipping, a loss scaler's unscale, an assignment), holds a value no backward put there, or was
+        accumulated into by several backwards since the last step (which of their passes make it up is for
+        the check to say).
+
+        Reads the hooks' notes and clears them (call once per step, before ``step()``); a ``.grad`` of None
+        counts as unchanged (the check leaves such parameters out too). A change that flows through autograd
+        itself (a loss term on the parameters, a parameter hook) is not seen here: only ``check`` sees those.
+        """
+        notes, self._accumulated = self._accumulated, {}
+        for i, p in enumerate(self.params):
+            g = p.grad
+            if g is None:
+                continue
+            note = notes.get(i)
+            if note is None or note[0]() is not g or note[1] != g._version or note[2] > 1:
+                return True
+        return False
 
     # -- hooks ---------------------------------------------------------------------------
     def _capturing(self) -> bool:
@@ -324,6 +359,7 @@ class GradientCapture:
         """
         self.passes = {g: p for g, p in self.passes.items() if not p.backpropagated}
         self.fallback_calls = [c for c in self.fallback_calls if all(x is None for x in c.cotangents)]
+        self._accumulated.clear()
 
     def _run_fallbacks(self) -> None:
         """Apply the deferred rules (the fallback) to the calls recorded since the last step."""
