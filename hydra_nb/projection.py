@@ -77,6 +77,14 @@ class Block:
         out = torch.zeros(*lead, self.dim, dtype=flat.dtype, device=flat.device)
         return out.index_add_(-1, index, flat * sign.to(flat.dtype))
 
+    def project_signed(self, g: torch.Tensor) -> torch.Tensor:
+        """T(G) for G of shape (..., rows, cols) given as G ⊙ s1 s2ᵀ (a sketched block: the signs already applied,
+        e.g. folded into the factors of an outer product); returns (..., dim)."""
+        lead = g.shape[:-2]
+        index, _ = self._flat_map()
+        out = torch.zeros(*lead, self.dim, dtype=g.dtype, device=g.device)
+        return out.index_add_(-1, index, g.reshape(*lead, self.rows * self.cols))
+
     def sketch_rows(self, u: torch.Tensor) -> torch.Tensor:
         """CS1(u) over the last dimension (of size rows) → (..., dim)."""
         return _count_sketch(u, self.h1, self.s1, self.dim)

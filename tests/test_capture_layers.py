@@ -411,6 +411,36 @@ def test_every_route_gives_the_sketched_per_sample_gradients(route, monkeypatch)
         assert taken == {"unfold": 0, "outer": 2}  # proj and head
 
 
+CONV_CASES = {  # (convolution, input shape of one sample)
+    "1d_stride_pad": (lambda: nn.Conv1d(2, 3, 3, stride=2, padding=1), (2, 9)),
+    "1d_dilation_reflect": (lambda: nn.Conv1d(2, 3, 3, dilation=2, padding=2, padding_mode="reflect"), (2, 9)),
+    "2d_same_even_kernel": (lambda: nn.Conv2d(2, 3, (3, 2), padding="same"), (2, 6, 6)),
+    "2d_same_dilated_circular": (lambda: nn.Conv2d(2, 3, 3, padding="same", dilation=2, padding_mode="circular"),
+                                 (2, 6, 6)),
+    "2d_wide_rect_nobias": (lambda: nn.Conv2d(9, 4, (3, 2), stride=(2, 1), padding=(1, 0), dilation=(1, 2),
+                                              bias=False), (9, 7, 6)),
+    "3d_stride_pad": (lambda: nn.Conv3d(2, 3, 2, stride=(1, 2, 1), padding=1), (2, 3, 4, 3)),
+}
+
+
+@pytest.mark.parametrize("method", ["unfold", "grouped", "auto"])
+@pytest.mark.parametrize("case", list(CONV_CASES))
+def test_conv_weight_grads_by_each_method_equal_per_sample_autograd(case, method):
+    """The conv rule's two ways of forming per-sample weight gradients (patches and a batched matmul, or the
+    backward of a convolution grouped by sample) against one autograd call per sample."""
+    from hydra_nb.capture.conv import weight_grads
+
+    build, shape = CONV_CASES[case]
+    torch.manual_seed(0)
+    conv = build().to(DT)
+    x = torch.randn(4, *shape, dtype=DT)
+    d = torch.randn_like(conv(x))
+    got = weight_grads(conv, x, d, method)
+    for b in range(4):
+        (want,) = torch.autograd.grad((conv(x[b:b + 1]) * d[b:b + 1]).sum(), [conv.weight])
+        assert torch.allclose(got[b], want.reshape(want.shape[0], -1), rtol=1e-12, atol=1e-13), b
+
+
 def test_unknown_route_is_refused():
     model = nn.Linear(2, 2)
     layout = ParamLayout.from_model(model, torch.optim.SGD(model.parameters(), lr=0.1))[0]
