@@ -496,8 +496,8 @@ class StoreWriter:
             self._append("exact/b", _numpy(b_item)[None])
         self._append("checkpoints/step", np.asarray([step], dtype=np.int64))
         self.bytes_written += params.nbytes
-        self._checkpoints += 1
-        self._commit()  # everything it counts is on disk before the markers say so
+        self._commit(checkpoints=self._checkpoints + 1)  # everything it counts is on disk before the markers say so
+        self._checkpoints += 1  # only now: a checkpoint counts once written and committed
 
     def _append(self, name: str, data: np.ndarray) -> None:
         """Stage rows after the last written one, as whole chunks, growing the array's capacity geometrically.
@@ -577,20 +577,22 @@ class StoreWriter:
             if arr.shape[0] != self._length[name]:
                 arr.resize((self._length[name], *arr.shape[1:]))
 
-    def _commit(self, status: str | None = None, detail: str = "") -> None:
-        """Write what is staged, then (in the same call into zarr) the commit markers that count it."""
+    def _commit(self, status: str | None = None, detail: str = "", checkpoints: int | None = None) -> None:
+        """Write what is staged, then (in the same call into zarr) the commit markers that count it (with
+        ``checkpoints`` checkpoints, by default those written so far)."""
         markers = []
         if self.part["group"] is not None:  # this rank's log part: its own marker, written by this rank only
             markers.append((self.part["group"], {"committed": {"steps": self._steps_total, "rows": self._rows_total}}))
         if self.main:
             self.meta["committed"] = {"steps": self._steps_total, "rows": self._rows_total,
-                                      "checkpoints": self._checkpoints}
+                                      "checkpoints": self._checkpoints if checkpoints is None else checkpoints}
             if status is not None:
                 self.meta["status"] = status
                 self.meta["status_detail"] = detail
             self.meta["updated"] = _now()
             markers.append(("", {"hydra_nb": self.meta}))
         self._write_staged(markers)
+
 
 class _CheckedArray:
     """A zarr array whose reads turn a damaged chunk into a StoreError naming the store."""
