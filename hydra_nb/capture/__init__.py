@@ -156,6 +156,9 @@ class GradientCapture:
             return
         for owner in self.owners:
             blocks = {name: self.projector.blocks[b] for name, b in owner.owned}
+            if owner.rule.follow is not None:
+                self._handles.extend(owner.rule.follow(owner.module, blocks, self))
+                continue
             if owner.rule.deferred:
                 hook = self._deferred_hook(owner, blocks)
             else:
@@ -204,6 +207,36 @@ class GradientCapture:
             if note is None or note[0]() is not g or note[1] != g._version or note[2] > 1:
                 return True
         return False
+
+    # -- for rules that follow a module with hooks of their own (LayerRule.follow) ----------
+    def sink(self, batch_size: int):
+        """During a training forward: a function ``emit(per_sample)`` that adds the (block, rows) pairs the callable
+        ``per_sample()`` yields to the pass of the current batch (of ``batch_size`` samples), timed, a failure kept
+        instead of raised into the user's backward; None when nothing is captured (not training, no autograd,
+        suspended, an earlier failure, a batch that is not the loader's)."""
+        if not self._capturing():
+            return None
+        p = self._pass_for(batch_size)
+        if p is None:
+            return None
+        dim = self.projector.dim
+
+        def emit(per_sample):
+            start = time.perf_counter()
+            try:
+                for block, values in per_sample():
+                    p.add(block, values, dim)
+            except Exception as exc:  # never raise into the user's backward
+                self.fail(TrackingFailure(f"capturing per-sample gradients failed: {exc!r}"))
+            finally:
+                self.seconds += time.perf_counter() - start
+
+        return emit
+
+    def fail(self, exc: BaseException) -> None:
+        """Keep the first failure; the tracker raises it at the next optimizer step."""
+        if self.failure is None:
+            self.failure = exc
 
     # -- hooks ---------------------------------------------------------------------------
     def _capturing(self) -> bool:
