@@ -60,6 +60,7 @@ import field_common as fc  # noqa: E402
 
 import hydra_nb  # noqa: E402
 from hydra_nb.hypergrad import ExactHypergradients  # noqa: E402
+from hydra_nb.optim import SGDRule  # noqa: E402
 from hydra_nb.params import ParamLayout  # noqa: E402
 
 
@@ -210,7 +211,7 @@ def bench_hvp(name, args, device) -> dict:
     timings = {}
     for hvp_batch in args.hvp_batches:
         ex = ExactHypergradients(model, params, layout, np.arange(len(V)), len(V), None, hvp_batch=hvp_batch,
-                                 hvp_method="vmap")
+                                 hvp_method="vmap", rule=SGDRule())
         ex.h.copy_(V)
         ex.seen[:] = True
 

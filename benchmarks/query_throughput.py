@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 import hydra_nb  # noqa: E402
-from hydra_nb.hypergrad import TRACE_FIELDS  # noqa: E402
+from hydra_nb.optim import rule_named  # noqa: E402
 from hydra_nb.params import ParamLayout  # noqa: E402
 from hydra_nb.projection import Projector  # noqa: E402
 from hydra_nb.query import DEFAULT_MEMORY_BUDGET  # noqa: E402
@@ -81,7 +81,7 @@ def build_store(path: Path, model: nn.Module, N: int, epochs: int, batch: int, k
             row = {"lr": np.full(P, 0.05 * 0.999 ** step), "momentum": np.full(P, 0.9), "dampening": np.zeros(P),
                    "weight_decay": np.full(P, 5e-4), "nesterov": np.zeros(P, bool), "first": np.full(P, step == 0),
                    "active": np.ones(P, bool)}
-            assert set(row) == set(TRACE_FIELDS)
+            assert set(row) == set(rule_named("SGD").trace_fields)
             off = int(rng.integers(0, len(pool) - batch))
             rows = pool[off:off + len(samples)]
             writer.put_step(row, torch.from_numpy(samples.astype(np.int64)), torch.from_numpy(rows))
@@ -140,7 +140,7 @@ def main() -> None:
         disk = common.dir_size(path)
         print(f"built in {build['build_s']:.1f} s: {grad.shape[0]:,} rows × {grad.shape[1]} float32, "
               f"{common.fmt_bytes(disk)} on disk, {build['steps']:,} steps, chunks of {grad.chunks[0]} rows", flush=True)
-        block_rows = store._block_rows(DEFAULT_MEMORY_BUDGET, 2 * max(args.tests) * 4 + 64)
+        block_rows = store.source("fast").block_rows(DEFAULT_MEMORY_BUDGET, 2 * max(args.tests) * 4 + 64)
         gen = torch.Generator().manual_seed(1)
         tests = {n: (torch.randn(n, 64, generator=gen), torch.randint(0, 10, (n,), generator=gen)) for n in args.tests}
         model = model.to(args.device)

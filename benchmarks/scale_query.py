@@ -187,7 +187,7 @@ def measure_store(store, model, tests: list[int], engines: list[str], repeats: i
     N = store.n_train
     gen = torch.Generator().manual_seed(1)
     data = {n: (torch.randn(n, 64, generator=gen), torch.randint(0, 10, (n,), generator=gen)) for n in tests}
-    block_rows = store._block_rows(DEFAULT_MEMORY_BUDGET, 2 * max(tests) * 4 + 64)
+    block_rows = store.source("fast").block_rows(DEFAULT_MEMORY_BUDGET, 2 * max(tests) * 4 + 64)
     raw_read(store, block_rows)  # warm the page cache and zarr
     store.contributions(model, *data[tests[0]], progress=False)  # warm torch
     times: dict[tuple, list[float]] = {("raw", None): []}
@@ -232,7 +232,8 @@ def measure_test_side(k: int, tests: list[int], repeats: int) -> list[dict]:
     layout, tensors = ParamLayout.from_model(model, opt)
     projector = Projector.plan(layout, k, seed=0)
     flat = layout.flatten([t.detach() for t in tensors]).numpy()
-    from hydra_nb.query import _default_loss, test_gradients
+    from hydra_nb.data import default_loss
+    from hydra_nb.sources import test_gradients
 
     out = []
     gen = torch.Generator().manual_seed(2)
@@ -244,7 +245,7 @@ def measure_test_side(k: int, tests: list[int], repeats: int) -> list[dict]:
         for _ in range(repeats):
             with PeakRSS() as mem:
                 t0 = time.perf_counter()
-                G = test_gradients(model, layout, flat, None, [], X, Y, _default_loss)
+                G = test_gradients(model, layout, flat, None, [], X, Y, default_loss)
                 t1 = time.perf_counter()
                 projector.project_flat(G)
                 t2 = time.perf_counter()

@@ -6,7 +6,7 @@ batch 64, SGD lr 0.05 momentum 0.9, so 23 optimizer steps per epoch):
 1. **Writer throughput.** A ``hydra_nb.store.StoreWriter`` is driven directly from this thread with
    synthetic per-sample rows (batches of 64 rows of the projected dimension, float32 or float16,
    random values, so nothing compresses — the log is stored uncompressed anyway), a real SGD trace
-   row per step (``hydra_nb.hypergrad.read_sgd_step`` on a LeNet5 + SGD that took one step) and a
+   row per step (``hydra_nb.optim.SGDRule().read_step`` on a LeNet5 + SGD that took one step) and a
    parameter checkpoint every 23 steps (one per "epoch"), as ``hydra_nb.track`` would. The rows
    come from a small pre-generated pool, so the producer costs next to nothing and the queue stays
    full: the time from the first ``put_step`` until ``close`` returns (queue drained, everything
@@ -63,7 +63,7 @@ import common  # noqa: E402
 
 import hydra_nb  # noqa: E402
 from hydra_nb.examples import LeNet5, count_parameters, load_digits  # noqa: E402
-from hydra_nb.hypergrad import read_sgd_step  # noqa: E402
+from hydra_nb.optim import SGDRule  # noqa: E402
 from hydra_nb.params import ParamLayout  # noqa: E402
 from hydra_nb.projection import Projector  # noqa: E402
 from hydra_nb.store import StoreWriter, new_run_meta  # noqa: E402
@@ -208,7 +208,7 @@ def writer_throughput(k, dtype_name: str, args, data, tmp: Path, busy: bool) -> 
     t0 = time.perf_counter()
     writer.put_checkpoint(0, flat_params, None, None)
     for step in range(n_steps):
-        trace_row = read_sgd_step(opt, params, layout)
+        trace_row = SGDRule().read_step(opt, params, layout)
         p0 = time.perf_counter()
         writer.put_step(trace_row, sample_pool[step % steps_per_epoch], pool[step % pool_n])
         put_s += time.perf_counter() - p0

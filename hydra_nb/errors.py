@@ -28,3 +28,14 @@ class TrackingFailure(HydraError, RuntimeError):
 
 class StoreError(HydraError, OSError):
     """A store is missing, not a hydra_nb store, of a newer schema, or damaged."""
+
+
+class UnsupportedQuery(HydraError, ValueError):
+    """A query asked a hypergradient source for an operation it does not have; the message names the modes that do."""
+
+
+class ReplayError(HydraError, RuntimeError):
+    """Replaying a tracked run did not reproduce it (or it cannot be replayed): no exact answer is returned.
+
+    The message names the checkpoint where the replay drifted, by how much, and the likely causes.
+    """

@@ -32,6 +32,7 @@ import argparse
 import ast
 import difflib
 import time
+from dataclasses import fields
 from pathlib import Path
 
 from IPython.core import magic_arguments
@@ -42,9 +43,11 @@ from torch.optim import Optimizer
 from torch.utils.data import DataLoader
 
 from .errors import HydraError, TrackingConfigError
+from .options import OptionError, TrackOptions
 from .query import open_store
 from .store import read_meta
 from .tracker import Tracker, track
+from .units import format_bytes
 
 DEFAULT_NAME = "hydra_store"
 _REFRESH_SECONDS = 0.2
@@ -52,35 +55,6 @@ _TEXT_REFRESH_SECONDS = 2.0
 
 
 # -- option values ------------------------------------------------------------------------------
-
-def _dim(text: str):
-    text = _unquote(text)
-    if text.lower() in ("none", "full"):
-        return None
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"--dim takes a positive int, or 'none'/'full' for the full parameter dimension; got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"--dim must be positive, got {value}")
-    return value
-
-
-def _checkpoint_every(text: str):
-    text = _unquote(text)
-    if text == "epoch":
-        return "epoch"
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"--checkpoint-every takes 'epoch' or a positive number of optimizer steps; got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"--checkpoint-every must be positive, got {value}")
-    return value
-
-
 def _unquote(text: str | None) -> str | None:
     """IPython splits magic lines keeping quotes: ``--store "my runs/a.zarr"`` arrives quoted."""
     if text is not None and len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
@@ -93,6 +67,48 @@ def _identifier(text: str) -> str:
     if not text.isidentifier():
         raise argparse.ArgumentTypeError(f"--as takes a Python variable name, got {text!r}")
     return text
+
+
+# the TrackOptions fields with a flag of their own (hydra_nb/options.py), and the magic-only flags that give an
+# option its value from the namespace
+_OPTION_FLAGS = {f.name: f.metadata["flag"] for f in fields(TrackOptions) if "flag" in f.metadata}
+_NAMESPACE_FLAGS = {"loss_fn": "--loss", "exact_indices": "--exact-indices"}
+
+
+def _flag_of(option: str) -> str:
+    """How the magic's messages name an option of track: by its flag."""
+    return _OPTION_FLAGS.get(option) or _NAMESPACE_FLAGS.get(option, option)
+
+
+def _parser_of(flag: str, parse):
+    """argparse's ``type=``: the option's own text → value (quotes IPython kept removed), errors naming the flag."""
+    def convert(text: str):
+        try:
+            return parse(_unquote(text))
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(f"{flag} {exc}") from None
+
+    convert.__name__ = flag.lstrip("-")  # argparse names the type in some messages
+    return convert
+
+
+def _track_option_flags(func):
+    """One magic flag per ``TrackOptions`` field that declares one: name, default, help, choices, parser."""
+    for f in reversed(fields(TrackOptions)):
+        meta = f.metadata
+        if "flag" not in meta:
+            continue
+        kwargs = {"dest": f.name, "default": f.default, "help": meta["help"]}
+        if meta.get("action"):
+            kwargs["action"] = meta["action"]
+        if "choices" in meta:
+            kwargs["choices"] = meta["choices"]
+        if "parse" in meta:
+            kwargs["type"] = _parser_of(meta["flag"], meta["parse"])
+        if "metavar" in meta:
+            kwargs["metavar"] = meta["metavar"]
+        func = magic_arguments.argument(meta["flag"], **kwargs)(func)
+    return func
 
 
 # role, class, its usual name, flag, which instances are candidates (the trained model has trainable
@@ -121,28 +137,13 @@ class HydraMagics(Magics):
     @magic_arguments.argument("--model", metavar="NAME", help="The torch.nn.Module being trained.")
     @magic_arguments.argument("--loader", metavar="NAME", help="The DataLoader the loop iterates.")
     @magic_arguments.argument("--optimizer", metavar="NAME", help="The optimizer (torch.optim.SGD; Adam/AdamW in fast mode).")
-    @magic_arguments.argument("--mode", choices=("fast", "exact"), default="fast",
-                              help="fast: all samples, no Hessian terms; exact: with Hessian-vector products.")
-    @magic_arguments.argument("--dim", type=_dim, default=1024, metavar="K",
-                              help="Projection dimension; 'none' or 'full' for the full parameter dimension.")
     @magic_arguments.argument("--exact-indices", metavar="EXPR",
                               help="Exact mode: training samples to track, a Python expression such as "
                                    "\"range(10)\" or a variable name.")
-    @magic_arguments.argument("--checkpoint-every", type=_checkpoint_every, default="epoch", metavar="N",
-                              help="'epoch' or a number of optimizer steps between checkpoints.")
     @magic_arguments.argument("--loss", metavar="NAME",
-                              help="Per-sample loss (outputs, targets) -> losses; default cross-entropy.")
-    @magic_arguments.argument("--seed", type=int, default=0, help="Projection seed.")
-    @magic_arguments.argument("--store-dtype", choices=("float16", "float32", "float64"),
-                              help="dtype of the stored per-sample rows.")
-    @magic_arguments.argument("--batchnorm", choices=("exact", "fixed"), default="exact",
-                              help="BatchNorm in training mode: batch-coupled per-sample gradients (exact, the "
-                                   "default), or with the batch statistics held fixed (cheaper at large batches, "
-                                   "approximate). See docs/batchnorm.md.")
-    @magic_arguments.argument("--resume", action="store_true", help="Continue the run already in --store.")
-    @magic_arguments.argument("--overwrite", action="store_true", help="Replace the run already in --store.")
-    @magic_arguments.argument("--strict", action="store_true",
-                              help="Raise instead of warning if tracking fails mid-training.")
+                              help="Per-sample loss (outputs, targets) -> losses, a name in the namespace; "
+                                   "default cross-entropy.")
+    @_track_option_flags
     @magic_arguments.argument("--as", dest="as_name", type=_identifier, default=DEFAULT_NAME, metavar="NAME",
                               help=f"Variable the opened store is bound to (default {DEFAULT_NAME}).")
     @cell_magic
@@ -152,27 +153,19 @@ class HydraMagics(Magics):
         args = magic_arguments.parse_argstring(self.hydra_track, line)
         for option in ("store", "model", "loader", "optimizer", "exact_indices", "loss"):
             setattr(args, option, _unquote(getattr(args, option)))
-        if args.resume and args.overwrite:
-            raise UsageError("--resume and --overwrite exclude each other: pick one.")
         # compile first: a syntax error must not create or touch a store
         codes = self._compile(line, cell)
         found = self._resolve_roles(args)
         loss_fn = self._lookup(args.loss, "--loss") if args.loss else None
-        if loss_fn is not None and not callable(loss_fn):
-            raise UsageError(f"--loss {args.loss}: {args.loss} is a {type(loss_fn).__name__}, not a callable "
-                             "(outputs, targets) -> per-sample losses.")
         exact_indices = self._evaluate(args.exact_indices, "--exact-indices") if args.exact_indices else None
 
         progress = _Progress()
-        kwargs = dict(model=found["model"], loader=found["loader"], store=Path(args.store).expanduser(),
-                      optimizer=found["optimizer"], mode=args.mode, projection_dim=args.dim,
-                      exact_indices=exact_indices, loss_fn=loss_fn, checkpoint_every=args.checkpoint_every,
-                      seed=args.seed, store_dtype=args.store_dtype, overwrite=args.overwrite, strict=args.strict,
-                      on_step=progress.on_step, batchnorm=args.batchnorm)
-        if args.resume:
-            kwargs["resume"] = True
-        try:
-            tracker = track(**kwargs)
+        options = {name: getattr(args, name) for name in _OPTION_FLAGS}
+        try:  # every option's value is checked by TrackOptions, inside track
+            tracker = track(found["model"], found["loader"], Path(args.store).expanduser(), found["optimizer"],
+                            exact_indices=exact_indices, loss_fn=loss_fn, on_step=progress.on_step, **options)
+        except OptionError as exc:
+            raise UsageError(exc.spelled(_flag_of)) from None
         except TrackingConfigError as exc:
             raise UsageError(str(exc)) from None
 
@@ -338,7 +331,7 @@ class HydraMagics(Magics):
         print(repr(store))
         overhead = f" ({100 * stats['tracking_seconds'] / elapsed:.0f}% of {elapsed:.1f} s)" if elapsed > 0 else ""
         print(f"Bound to {args.as_name}. Tracking took {stats['tracking_seconds']:.2f} s{overhead}, "
-              f"{_size(stats['bytes_written'])} written.")
+              f"{format_bytes(stats['bytes_written'], binary=False)} written.")
 
     # -- %hydra_status ------------------------------------------------------------------------
     @line_magic
@@ -353,16 +346,13 @@ class HydraMagics(Magics):
             return
         path, loss_fn = self._last
         try:
-            print(repr(open_store(path, loss_fn=loss_fn)))
+            store = open_store(path, loss_fn=loss_fn)
         except HydraError as err:
             print(f"hydra_nb: {err}")
-
-
-def _size(n: int) -> str:
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.1f} {unit}"
-    return f"{n} B"
+            return
+        print(repr(store))  # "replays": store.contributions(..., mode='exact', train_data=...) is exact for every sample
+        if not store.replays:
+            print(f"hydra_nb: no exact answers by replay: this run {store.replay_status}.")
 
 
 def _describe(tracker: Tracker, samples: int | None = None, steps: bool = True) -> str:
@@ -374,7 +364,7 @@ def _describe(tracker: Tracker, samples: int | None = None, steps: bool = True) 
         if samples is not None:
             parts.append(f"{samples / elapsed:,.0f} samples/s")
         parts.append(f"overhead {100 * stats['tracking_seconds'] / elapsed:.0f}%")
-    parts.append(f"{_size(stats['bytes_written'])} written")
+    parts.append(f"{format_bytes(stats['bytes_written'], binary=False)} written")
     if stats.get("writer_wait_seconds", 0.0) > 0.05:
         parts.append(f"waited {stats['writer_wait_seconds']:.1f} s for the store writer (disk-bound)")
     return ", ".join(parts)

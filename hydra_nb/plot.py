@@ -17,9 +17,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .data import as_samples
 from .query import ClassMatrix, TopK
-from .widgets.data import as_samples
-from .widgets.explorer import epoch_boundaries
 
 UNITS = "contribution −∂L/∂w (loss units per unit sample weight)"
 _GOOD, _BAD = "#1a9641", "#d7301f"
@@ -116,7 +115,7 @@ def trajectory(store, model, test_data, test_index: int, train_indices, *, class
         label = f"train #{i}" + ("" if train is None else f" (y={_name(class_names, train.label_of([i])[0])})")
         ax.plot(steps, values[0, :, col], marker="o", ms=3, label=label)
     exact = store.meta.get("config", {}).get("checkpoint_every") == "epoch"
-    for e_i, e in enumerate(epoch_boundaries(store)):
+    for e_i, e in enumerate(store.epoch_boundaries()):
         ax.axvline(e, color="0.6", ls="--", lw=0.8, label=("epoch end" if exact else "epoch end (est.)")
                    if e_i == 0 else None)
     ax.axhline(0, color="k", lw=0.8)

@@ -209,14 +209,6 @@ class Projector:
                         move(b.h2, False), move(b.s2, True), dtype or b.dtype) for b in self.blocks]
         return Projector(self.layout, blocks, self.requested, self.seed)
 
-    def project_params(self, grads: list[torch.Tensor], batch_dims: int = 1) -> torch.Tensor:
-        """Project full per-parameter tensors (each (*batch, *shape)) to (*batch, dim)."""
-        parts = []
-        for b, g in zip(self.blocks, grads):
-            lead = g.shape[:batch_dims]
-            parts.append(b.project_matrix(g.reshape(*lead, b.rows, b.cols)))
-        return torch.cat(parts, dim=-1)
-
     def project_flat(self, flat: torch.Tensor) -> torch.Tensor:
         """Project full flat vectors (..., layout.size) to (..., dim)."""
         lead = flat.shape[:-1]

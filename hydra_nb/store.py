@@ -8,8 +8,9 @@ Layout (schema version 1; ``docs/store.md`` describes every array and attribute)
       log/sample  (row,)                 dataset index of each per-sample gradient row
       log/step    (row,)                 optimizer step the row entered
       log/grad    (row, projected)       projected gradient u of that sample at that step
-      trace/<field> (step, param)        SGD: lr, momentum, dampening, weight_decay, nesterov, first, active;
-                                         Adam/AdamW: lr, beta1, bias_correction1, weight_decay, active
+      trace/<field> (step, param)        the optimizer rule's trace fields (hydra_nb.optim): SGD: lr, momentum,
+                                         dampening, weight_decay, nesterov, first, active; Adam/AdamW: lr, beta1,
+                                         bias_correction1, weight_decay, active, beta2, eps, amsgrad, decoupled, step
       trace/row_end (step,)              number of log rows written through each step
       checkpoints/step (checkpoint,)     completed optimizer steps at each checkpoint
       checkpoints/params (checkpoint, parameter)   flat trainable parameters θ
@@ -44,7 +45,7 @@ from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 from zarr.core.sync import sync
 
 from .errors import StoreError, TrackingConfigError
-from .hypergrad import trace_dtype, trace_fields
+from .optim import rule_named
 from .params import ParamLayout
 from .projection import Projector
 
@@ -246,6 +247,8 @@ class StoreWriter:
         self._pending_count = 0
         self._pending_trace: list[dict] = []
         self._trace_row_ends: list[int] = []
+        # the trace arrays this store has: a resumed store written before a rule gained fields keeps its own set
+        self._trace_fields = [n for n, _ in group["trace"].arrays() if n != "row_end"] if main else []
         self._arrays: dict[str, zarr.Array] = {}  # handles, so that appends skip the group lookup
         self._length: dict[str, int] = dict(lengths)  # rows written; arrays may be longer (capacity)
         self._rows_total = lengths.get(self.part["grad"], 0)
@@ -260,17 +263,26 @@ class StoreWriter:
         self._groups: dict[str, zarr.Group] = {}  # groups whose attributes the writer sets, by path
         self._exact = exact
         self._has_buffers = has_buffers
+        # replay's record (docs/store.md, "Replay"): what has been written, and what waits for the next flush
+        self._replay = main and "replay" in group
+        self._replay_total = {name: lengths.get(f"replay/{name}", 0) for name in _REPLAY_COUNTS}
+        self._replay_pending: dict[str, list] = {name: [] for name in _REPLAY_PENDING}
+        self._state_fields = [n[len("state_"):] for n, _ in group["checkpoints"].arrays()
+                              if n.startswith("state_") and not n.endswith("_present")] if main else []
         self._thread = threading.Thread(target=self._run, name="hydra_nb-writer", daemon=True)
         self._thread.start()
 
     @classmethod
     def create(cls, path: Path, meta: dict, layout: ParamLayout, projector_arrays: dict[str, np.ndarray],
                log_width: int, log_dtype, param_dtype, buffer_size: int,
-               exact_indices: np.ndarray | None, world_size: int = 1) -> "StoreWriter":
+               exact_indices: np.ndarray | None, world_size: int = 1,
+               replay: dict | None = None) -> "StoreWriter":
         """Create a new run store at ``path`` (which ``prepare_path`` checked) and take its writer lock.
 
         With ``world_size`` W > 1 (distributed training, called on rank 0) the log is created as W
-        parts, one per rank; the other ranks then attach with :meth:`attach_rank`.
+        parts, one per rank; the other ranks then attach with :meth:`attach_rank`. ``replay``: what
+        reverse-mode replay will read (``{"meta": …, "state_fields": …}``): the ``replay/`` arrays and
+        the optimizer state at each checkpoint are created and ``attrs["hydra_nb"]["replay"]`` set.
         """
         lock = WriterLock(path)
         lock.acquire(meta["run_id"])
@@ -291,8 +303,9 @@ class StoreWriter:
                     _create(g, part["row_end"], shape=(0,), chunks=(_TRACE_CHUNK,), dtype="int64",
                             dimension_names=["step"])
                     g[part["group"]].attrs["committed"] = {"steps": 0, "rows": 0}
-            for f in trace_fields(meta.get("optimizer", "SGD")):
-                _create(g, f"trace/{f}", shape=(0, P), chunks=(_TRACE_CHUNK, P), dtype=trace_dtype(f),
+            rule = rule_named(meta.get("optimizer", "SGD"))
+            for f in rule.trace_fields:
+                _create(g, f"trace/{f}", shape=(0, P), chunks=(_TRACE_CHUNK, P), dtype=rule.field_dtype(f),
                         dimension_names=["step", "param"])
             if world_size == 1:
                 _create(g, "trace/row_end", shape=(0,), chunks=(_TRACE_CHUNK,), dtype="int64",
@@ -315,6 +328,9 @@ class StoreWriter:
                 for name in ("h", "b"):  # h = dθ/dw and its momentum twin (b is what a resumed run needs)
                     _create(g, f"exact/{name}", shape=(0, m, D), chunks=(1, rows, d_chunk), dtype=param_dtype,
                                    dimension_names=["checkpoint", "sample", "parameter"], compressors=[_FLOAT_CODEC])
+            if replay is not None:
+                _create_replay_arrays(g, P, D, d_chunk, param_dtype, replay["state_fields"])
+                meta["replay"] = replay["meta"]
             meta.update({"committed": {"steps": 0, "rows": 0, "checkpoints": 0}, "status": "running",
                          "status_detail": "", "updated": _now(), "world_size": int(world_size)})
             g.attrs["hydra_nb"] = meta
@@ -357,6 +373,10 @@ class StoreWriter:
                 if axis0 is not None and name != "exact/indices":
                     lengths[name] = axis0
             meta["committed"] = {"steps": step, "rows": rows, "checkpoints": n_ckpt}
+            if "replay" in g:
+                replay_lengths = _replay_lengths(g, meta, step)
+                lengths.update({f"replay/{name}": n for name, n in replay_lengths.items()})
+                meta["committed"].update({f"replay_{name}": n for name, n in replay_lengths.items()})
             meta["status"], meta["status_detail"] = "running", ""
             meta.setdefault("resumed", []).append({"at_step": step, "time": _now()})
             g.attrs["hydra_nb"] = meta
@@ -367,29 +387,41 @@ class StoreWriter:
         return cls(path, g, meta, log_rows, "exact" in g, "buffers" in g["checkpoints"], lengths, lock)
 
     # -- producer side (training thread) ------------------------------------------------------
-    def put_step(self, trace_row: dict[str, np.ndarray], samples: torch.Tensor, rows: torch.Tensor | None) -> None:
-        """One optimizer step: its trace row and its per-sample rows (dataset indices, projected gradients).
+    def put_step(self, trace_row: dict[str, np.ndarray], samples: torch.Tensor, rows: torch.Tensor | None,
+                 calls: list | None = None) -> None:
+        """One optimizer step: its trace row, its per-sample rows (dataset indices, projected gradients) and, for
+        replay, its backward calls (``hydra_nb.replay.RecordedCall``; None once the run is known not to replay).
 
         The rows must not be modified afterwards (on the CPU they are kept, not copied)."""
         rows_item = None if rows is None else to_host(rows, copy=False)
-        self._held.append((trace_row, samples.detach().cpu().to(torch.int64).numpy(), rows_item))
+        self._held.append((trace_row, samples.detach().cpu().to(torch.int64).numpy(), rows_item, calls))
         self._held_bytes += 0 if rows is None else rows.nelement() * rows.element_size()
         self._steps_put += 1
         if self._held_bytes >= _HANDOVER_BYTES:
             self._hand_over()
 
     def put_checkpoint(self, step: int, params: torch.Tensor, buffers: torch.Tensor | None,
-                       h: torch.Tensor | None = None, b: torch.Tensor | None = None) -> None:
-        """Parameters (and exact-mode h, b) after ``step`` completed steps; commits everything before it."""
+                       h: torch.Tensor | None = None, b: torch.Tensor | None = None,
+                       state: dict | None = None) -> None:
+        """Parameters (and exact-mode h, b; the optimizer's state, field → (flat values, present per parameter))
+        after ``step`` completed steps; commits everything before it."""
         self._hand_over()
+        state_items = None if state is None else {
+            f: (to_host(values, copy=True), np.asarray(present, dtype=bool)) for f, (values, present) in state.items()}
         self._put(("checkpoint", step, to_host(params, copy=True),
                    None if buffers is None else to_host(buffers, copy=True),
-                   None if h is None else to_host(h, copy=True), None if b is None else to_host(b, copy=True)))
+                   None if h is None else to_host(h, copy=True), None if b is None else to_host(b, copy=True),
+                   state_items))
 
     def put_commit(self, step: int) -> None:
         """A log-only writer (rank > 0): everything through ``step`` is written; commit this rank's part."""
         self._hand_over()
-        self._put(("checkpoint", step, None, None, None, None))
+        self._put(("checkpoint", step, None, None, None, None, None))
+
+    def put_replay_meta(self, replay_meta: dict) -> None:
+        """What the store says about replay (``attrs["hydra_nb"]["replay"]``), written with the next commit."""
+        self._hand_over()
+        self._put(("replay_meta", dict(replay_meta)))
 
     def close(self, status: str, detail: str = "") -> None:
         """Flush, commit and record the run's final status; waits for the writer thread."""
@@ -433,6 +465,8 @@ class StoreWriter:
                         self._on_step(*step)
                 elif item[0] == "checkpoint":
                     self._on_checkpoint(*item[1:])
+                elif item[0] == "replay_meta":
+                    self.meta["replay"] = item[1]
                 elif item[0] == "close":
                     if self.error is None:
                         self._flush(all_rows=True)
@@ -443,7 +477,9 @@ class StoreWriter:
             except BaseException as exc:  # disk full, permissions...: keep what was committed
                 self.error = exc
 
-    def _on_step(self, trace_row, samples, rows_item) -> None:
+    def _on_step(self, trace_row, samples, rows_item, calls) -> None:
+        if self._replay and calls is not None:
+            self._record_calls(calls)
         self._pending_trace.append(trace_row)
         if rows_item is not None and len(samples):
             rows = _numpy(rows_item)
@@ -471,16 +507,50 @@ class StoreWriter:
             rest = (samples[n:], steps[n:], rows[n:])
             self._pending_rows = [rest] if len(rest[0]) else []
             self._pending_count = len(rest[0])
+        if all_rows and self._replay:
+            self._flush_replay()
         if all_rows and self._pending_trace:
-            if self.main:
-                for f in self._pending_trace[0]:
-                    self._append(f"trace/{f}", np.stack([r[f] for r in self._pending_trace]))
+            for f in self._trace_fields:
+                self._append(f"trace/{f}", np.stack([r[f] for r in self._pending_trace]))
             self._append(self.part["row_end"], np.asarray(self._trace_row_ends, dtype=np.int64))
             self._steps_total += len(self._pending_trace)
             self._pending_trace = []
             self._trace_row_ends = []
 
-    def _on_checkpoint(self, step, params_item, buffers_item, h_item, b_item) -> None:
+    def _record_calls(self, calls) -> None:
+        """Queue one step's backward calls: rows (sample, weight), each call's row end and generator states."""
+        pending, total = self._replay_pending, self._replay_total
+        for call in calls:
+            pending["sample"].append(np.asarray(call.samples, dtype=np.int64))
+            pending["weight"].append(np.asarray(call.weights, dtype=np.float64))
+            rows_so_far = total["sample"] + sum(len(x) for x in pending["sample"])
+            pending["call_end"].append(rows_so_far)
+            for kind, state in (("rng_cpu", call.rng), ("rng_cuda", call.cuda_rng)):
+                index = -1
+                if state is not None:
+                    index = total[kind] + len(pending[kind])
+                    pending[kind].append(state.detach().cpu().to(torch.uint8).numpy())
+                pending["call_rng" if kind == "rng_cpu" else "call_cuda_rng"].append(index)
+        pending["step_end"].append(total["call_end"] + len(pending["call_end"]))
+
+    def _flush_replay(self) -> None:
+        pending = self._replay_pending
+        for name in _REPLAY_PENDING:
+            values = pending[name]
+            if not values:
+                continue
+            if name in ("sample", "weight"):
+                data = np.concatenate(values)
+            elif name.startswith("rng_"):
+                data = np.stack(values)
+            else:
+                data = np.asarray(values, dtype=np.int64)
+            self._append(f"replay/{name}", data)
+            self._replay_total[name] = self._replay_total.get(name, 0) + len(data)
+            self.bytes_written += data.nbytes
+            pending[name] = []
+
+    def _on_checkpoint(self, step, params_item, buffers_item, h_item, b_item, state_items=None) -> None:
         self._flush(all_rows=True)
         if step != self._steps_total:  # pragma: no cover - a tracker bug, never silently accepted
             raise StoreError(f"checkpoint at step {step} but {self._steps_total} steps were written")
@@ -494,6 +564,10 @@ class StoreWriter:
         if self._exact:
             self._append("exact/h", _numpy(h_item)[None])
             self._append("exact/b", _numpy(b_item)[None])
+        for f in self._state_fields:  # the optimizer's state (replay starts an interval from it)
+            values, present = state_items[f]
+            self._append(f"checkpoints/state_{f}", _numpy(values)[None])
+            self._append(f"checkpoints/state_{f}_present", present[None])
         self._append("checkpoints/step", np.asarray([step], dtype=np.int64))
         self.bytes_written += params.nbytes
         self._commit(checkpoints=self._checkpoints + 1)  # everything it counts is on disk before the markers say so
@@ -586,6 +660,8 @@ class StoreWriter:
         if self.main:
             self.meta["committed"] = {"steps": self._steps_total, "rows": self._rows_total,
                                       "checkpoints": self._checkpoints if checkpoints is None else checkpoints}
+            if self._replay:
+                self.meta["committed"].update({f"replay_{name}": int(n) for name, n in self._replay_total.items()})
             if status is not None:
                 self.meta["status"] = status
                 self.meta["status_detail"] = detail
@@ -645,6 +721,43 @@ def log_part(rank: int | None) -> dict[str, str | None]:
 
 _REQUIRED = ["log/sample", "log/step", "log/grad", "trace/row_end", "checkpoints/step", "checkpoints/params"]
 
+# replay's record: per row (sample, weight), per call (call_end, call_rng, call_cuda_rng), per step (step_end),
+# per random forward (rng_cpu, rng_cuda); the committed count of each is attrs committed["replay_<name>"]
+_REPLAY_PENDING = ("sample", "weight", "call_end", "call_rng", "call_cuda_rng", "step_end", "rng_cpu", "rng_cuda")
+_REPLAY_COUNTS = _REPLAY_PENDING
+_RNG_CUDA_BYTES = 16  # torch.cuda.get_rng_state(): Philox seed and offset
+
+
+def _create_replay_arrays(g, P: int, D: int, d_chunk: int, param_dtype, state_fields) -> None:
+    index_rows = 1 << 16
+    for name, dtype in (("sample", "int64"), ("weight", "float64")):
+        _create(g, f"replay/{name}", shape=(0,), chunks=(index_rows,), dtype=dtype, dimension_names=["row"])
+    for name in ("call_end", "call_rng", "call_cuda_rng"):
+        _create(g, f"replay/{name}", shape=(0,), chunks=(index_rows,), dtype="int64", dimension_names=["call"])
+    _create(g, "replay/step_end", shape=(0,), chunks=(_TRACE_CHUNK,), dtype="int64", dimension_names=["step"])
+    for name, width in (("rng_cpu", torch.get_rng_state().numel()), ("rng_cuda", _RNG_CUDA_BYTES)):
+        _create(g, f"replay/{name}", shape=(0, width), chunks=(max(1, _TARGET_CHUNK_BYTES // width), width),
+                dtype="uint8", dimension_names=["state", "byte"])
+    for f in state_fields:
+        _create(g, f"checkpoints/state_{f}", shape=(0, D), chunks=(1, d_chunk), dtype=param_dtype,
+                dimension_names=["checkpoint", "parameter"], compressors=[_FLOAT_CODEC])
+        _create(g, f"checkpoints/state_{f}_present", shape=(0, P), chunks=(1024, P), dtype="bool",
+                dimension_names=["checkpoint", "param"])
+
+
+def _replay_lengths(g, meta: dict, step: int) -> dict[str, int]:
+    """How much of replay's record belongs to the first ``step`` steps (what a resumed run keeps)."""
+    committed = meta.get("committed", {})
+    steps = min(step, int(committed.get("replay_step_end", 0)))
+    calls = int(g["replay/step_end"][steps - 1]) if steps else 0
+    rows = int(g["replay/call_end"][calls - 1]) if calls else 0
+    out = {"step_end": steps, "call_end": calls, "call_rng": calls, "call_cuda_rng": calls, "sample": rows,
+           "weight": rows}
+    for kind, index in (("rng_cpu", "call_rng"), ("rng_cuda", "call_cuda_rng")):
+        used = np.asarray(g[f"replay/{index}"][:calls]) if calls else np.zeros(0, dtype=np.int64)
+        out[kind] = int(used.max()) + 1 if used.size and used.max() >= 0 else 0
+    return out
+
 
 async def _collect_keys(store, prefix: str) -> list[str]:
     return [key async for key in store.list_prefix(prefix)]
@@ -652,7 +765,7 @@ async def _collect_keys(store, prefix: str) -> list[str]:
 
 def _array_names(group) -> list[str]:
     names = []
-    for sub in ("log", "trace", "checkpoints", "exact"):
+    for sub in ("log", "trace", "checkpoints", "exact", "replay"):
         if sub in group:
             names += [f"{sub}/{name}" for name, _ in group[sub].arrays()]
     return names
@@ -681,7 +794,7 @@ def new_run_meta(mode: str, n_train: int, layout: ParamLayout, projector_json: d
 class StoreReader:
     """A run store opened read-only: its metadata and raw arrays, up to what was committed.
 
-    Queries live in :class:`hydra_nb.query.Store`, which extends this.
+    Queries live in :class:`hydra_nb.query.Store`, which holds one of these and its hypergradient sources.
     """
 
     def __init__(self, path):
@@ -709,17 +822,20 @@ class StoreReader:
         self.world_size = int(meta.get("world_size", 1))
         self.log_parts = [log_part(None)] if self.world_size == 1 else [log_part(r) for r in range(self.world_size)]
         self.optimizer = meta.get("optimizer", "SGD")
-        if self.optimizer not in ("SGD", "Adam", "AdamW"):
+        try:
+            self.optimizer_rule = rule_named(self.optimizer)
+        except KeyError:
             raise StoreError(f"The store at {where!r} was tracked with optimizer {self.optimizer!r}, which this "
-                             "hydra_nb does not know. Upgrade hydra_nb to read it.")
-        self.trace_fields = trace_fields(self.optimizer)
+                             "hydra_nb does not know. Upgrade hydra_nb to read it.") from None
         required = _REQUIRED if self.world_size == 1 else [
             n for n in _REQUIRED if not n.startswith("log/") and n != "trace/row_end"
         ] + [part[key] for part in self.log_parts for key in ("sample", "step", "grad", "row_end")]
-        required = required + [f"trace/{f}" for f in self.trace_fields]
+        # the fast recursion's fields; stores written before a rule gained more fields hold only these
+        required = required + [f"trace/{f}" for f in self.optimizer_rule.fast_fields]
         missing = [n for n in required if n not in self.group]
         if missing:
             raise StoreError(f"The store at {where!r} is damaged: missing array(s) {', '.join(missing)}.")
+        self.trace_fields = tuple(f for f in self.optimizer_rule.trace_fields if f"trace/{f}" in self.group)
         self.layout = ParamLayout.from_json(meta["params"])
         committed = meta["committed"]
         # a distributed run's steps count once every rank has committed its log up to them
@@ -767,6 +883,8 @@ class StoreReader:
             return int(c["steps"])
         if head in ("checkpoints", "exact") and name != "exact/indices":
             return int(c["checkpoints"])
+        if head == "replay":
+            return int(c.get(f"replay_{name.split('/', 1)[1]}", 0))
         return self.group[name].shape[0] if self.group[name].ndim else 1
 
     def _verify(self, name: str, arr) -> None:
@@ -828,34 +946,35 @@ class StoreReader:
             self._projector = Projector.from_json(self.layout, self.meta["projection"], arrays, dtype)
         return self._projector
 
-    def __repr__(self) -> str:
-        return (f"<hydra_nb.Store {str(self.path)!r}: {self.mode} mode, {len(self.tracked_indices)} tracked of "
-                f"{self.n_train} samples, {self.steps} steps, {len(self.checkpoint_steps)} checkpoints, "
-                f"{self.status}>")
-
     # -- raw data ---------------------------------------------------------------------------
     def trace(self, steps: int | None = None) -> dict[str, np.ndarray]:
         """The optimizer trace: arrays (steps, parameters) of ``self.trace_fields``.
 
-        SGD: lr, momentum, dampening, weight_decay, nesterov, first, active; Adam/AdamW: lr, beta1,
-        bias_correction1, weight_decay (decoupled), active.
+        The fields of ``self.optimizer_rule`` this store holds (docs/store.md): all of
+        ``optimizer_rule.trace_fields``, or only its ``fast_fields`` in a store written before the
+        others existed.
         """
         n = self.steps if steps is None else steps
         return {f: self._read(f"trace/{f}", slice(0, n)) for f in self.trace_fields}
 
+    def trace_arrays(self, fields=None) -> dict[str, "_CheckedArray"]:
+        """The trace arrays themselves, by field (default: the fast recursion's fields), for reading a window of
+        steps at a time."""
+        return {f: self.array(f"trace/{f}") for f in (self.optimizer_rule.fast_fields if fields is None else fields)}
+
     def params_at(self, checkpoint: int = -1) -> np.ndarray:
         """Flat trainable parameters θ at a checkpoint (index into ``checkpoint_steps``)."""
-        c = self._checkpoint_index(checkpoint)
+        c = self.checkpoint_index(checkpoint)
         return self._read("checkpoints/params", c)
 
     def load_params(self, model, checkpoint: int = -1) -> None:
         """Copy the parameters (and floating-point buffers) of a checkpoint into ``model``, in place."""
         if (why := self.layout.matches(model)) is not None:
             raise ValueError(f"The model does not match the store's parameters: {why}.")
-        c = self._checkpoint_index(checkpoint)
+        c = self.checkpoint_index(checkpoint)
         named = dict(model.named_parameters())
         flat = torch.from_numpy(self.params_at(c))
-        buffers = self._buffers_at(c)
+        buffers = self.buffers_at(c)
         with torch.no_grad():
             for name, value in self.layout.unflatten(flat).items():
                 named[name].copy_(value)
@@ -866,10 +985,27 @@ class StoreReader:
                     named_buffers[b["name"]].copy_(torch.from_numpy(buffers[b["offset"]:b["offset"] + n])
                                                    .reshape(b["shape"]))
 
-    def _buffers_at(self, c: int) -> np.ndarray | None:
+    def buffers_at(self, c: int) -> np.ndarray | None:
+        """Flat floating-point buffers at checkpoint index ``c`` (BatchNorm statistics…), or None if the model has none."""
         return self._read("checkpoints/buffers", c) if "buffers" in self.group["checkpoints"] else None
 
-    def _checkpoint_index(self, checkpoint: int) -> int:
+    def optimizer_state_at(self, c: int) -> dict[str, list[torch.Tensor | None]]:
+        """The optimizer's state at checkpoint index ``c``, as ``OptimizerRule.functional_step`` takes it: per field
+        of ``optimizer_rule.state_fields``, one tensor per parameter (None where torch had none yet)."""
+        c = self.checkpoint_index(c)
+        out = {}
+        for f in self.optimizer_rule.state_fields:
+            if f"state_{f}" not in self.group["checkpoints"]:
+                raise StoreError(f"The store at {self.where!r} holds no optimizer state ({f}) at its checkpoints: it "
+                                 "was recorded before hydra_nb recorded what replay needs.")
+            values = torch.from_numpy(np.array(self._read(f"checkpoints/state_{f}", c)))
+            present = self._read(f"checkpoints/state_{f}_present", c)
+            parts = self.layout.unflatten(values)
+            out[f] = [parts[slot.name].clone() if present[k] else None for k, slot in enumerate(self.layout.slots)]
+        return out
+
+    def checkpoint_index(self, checkpoint: int) -> int:
+        """The index into ``checkpoint_steps`` of ``checkpoint`` (negative counts from the last); IndexError if none."""
         c = int(checkpoint)
         if c < 0:
             c += self._n_checkpoints

@@ -2,10 +2,12 @@
 
 Data flows one way: the ``LoaderTap`` names the samples of each batch, the
 ``GradientCapture`` hooks turn the user's backward into per-sample gradients,
-the optimizer's step hooks read the optimizer's trace (SGD, or Adam/AdamW with
-its preconditioner applied to the per-sample gradients) and (exact mode) advance the
+the optimizer's step hooks read the optimizer's trace through its rule
+(``hydra_nb.optim``: the rule also says whether the per-sample gradients are held
+in full and preconditioned before they are logged) and (exact mode) advance the
 hypergradients, and the ``StoreWriter`` appends everything to the Zarr store in
-a background thread. Queries read the store (``hydra_nb.open_store``).
+a background thread. Queries read the store (``hydra_nb.open_store``). Nothing here
+depends on which optimizer trains the model.
 """
 
 from __future__ import annotations
@@ -19,31 +21,28 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 from .capture.batchnorm import batchnorm_route, replaying
 from .batches import LoaderTap
 from .capture import GradientCapture
+from .data import default_loss
 from .errors import TrackingConfigError, TrackingFailure
-from .hypergrad import (HVP_METHODS, ExactHypergradients, adam_preconditioner, make_batch_loss, optimizer_kind,
-                        read_step, validate_optimizer)
+from .hypergrad import ExactHypergradients, make_batch_loss
+from .optim import rule_for
+from .options import STORE_DTYPES, TrackOptions
 from .params import ParamLayout
 from .projection import Projector
+from .replay import ReplayRecorder
 from .store import StoreWriter, new_run_meta, prepare_path
 
-_LOG_DTYPES = {"float16": np.float16, "float32": np.float32, "float64": np.float64}
+_LOG_DTYPES = {name: getattr(np, name) for name in STORE_DTYPES}
 _EXACT_MEMORY_LIMIT = 16 << 30
-_ADAM_BATCH_LIMIT = 8 << 30  # full per-sample gradients of one step, held until Adam's preconditioner is known
+_FULL_ROWS_LIMIT = 8 << 30  # full per-sample gradients of one step, held until the rule preconditions them
 
 
 class TrackingStoppedWarning(UserWarning):
     """Tracking stopped in the middle of training; training went on."""
-
-
-def default_loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Per-sample cross-entropy: the default ``loss_fn``."""
-    return F.cross_entropy(outputs, targets, reduction="none")
 
 
 def _rtol(dtype: torch.dtype) -> float:
@@ -59,6 +58,12 @@ class Tracker:
                  overwrite: bool = False, strict: bool = False, hvp_batch: int = 32,
                  hvp_method: str = "auto", on_step: Callable[["Tracker"], None] | None = None, resume: bool = False,
                  batch_fn: Callable | None = None, batchnorm: str = "exact"):
+        # every option's value is checked here, once (hydra_nb/options.py)
+        self.options = options = TrackOptions(
+            mode=mode, projection_dim=projection_dim, exact_indices=exact_indices, loss_fn=loss_fn,
+            checkpoint_every=checkpoint_every, seed=seed, store_dtype=store_dtype, overwrite=overwrite, strict=strict,
+            hvp_batch=hvp_batch, hvp_method=hvp_method, on_step=on_step, resume=resume, batch_fn=batch_fn,
+            batchnorm=batchnorm)
         if not isinstance(model, nn.Module):
             raise TrackingConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
         self.wrapper, self.rank, self.world_size = None, 0, 1
@@ -70,29 +75,19 @@ class Tracker:
             raise TrackingConfigError(
                 "torch.distributed is initialized but the model is not wrapped in DistributedDataParallel: "
                 "hydra_nb tracks distributed training through DDP. Pass the DDP-wrapped model.")
-        if mode not in ("fast", "exact"):
-            raise TrackingConfigError(f"mode must be 'fast' or 'exact', got {mode!r}.")
-        validate_optimizer(optimizer, mode)
-        self.optimizer_kind = optimizer_kind(optimizer)
-        if projection_dim is not None and (not isinstance(projection_dim, (int, np.integer)) or projection_dim < 1):
-            raise TrackingConfigError(f"projection_dim must be a positive int or None, got {projection_dim!r}.")
-        if checkpoint_every != "epoch" and (
-                not isinstance(checkpoint_every, (int, np.integer)) or isinstance(checkpoint_every, bool)
-                or checkpoint_every < 1):
-            raise TrackingConfigError(
-                f"checkpoint_every must be 'epoch' or a positive number of optimizer steps, got {checkpoint_every!r}.")
-        if loss_fn is not None and not callable(loss_fn):
-            raise TrackingConfigError("loss_fn must be a callable (outputs, targets) -> per-sample losses.")
-        if store_dtype is not None and store_dtype not in _LOG_DTYPES:
-            raise TrackingConfigError(f"store_dtype must be one of {sorted(_LOG_DTYPES)}, got {store_dtype!r}.")
+        self.rule = rule_for(optimizer)
+        self.rule.validate(optimizer, options.mode)
         if not isinstance(store, (str, os.PathLike)):
             raise TrackingConfigError(f"store must be a folder path such as 'runs/a.zarr', got {type(store).__name__}.")
         self.tap = LoaderTap(loader, on_epoch_end=self._on_epoch_end)  # validates the loader
-        self.model, self.optimizer, self.mode = model, optimizer, mode
-        self.projection_dim, self.seed, self.strict, self.overwrite = projection_dim, seed, strict, overwrite
-        self.loss_fn = loss_fn or default_loss
-        self.custom_loss = loss_fn is not None
-        self.checkpoint_every = checkpoint_every
+        self.model, self.optimizer, self.mode = model, optimizer, options.mode
+        self.projection_dim, self.seed = options.projection_dim, options.seed
+        self.strict, self.overwrite, self.resume = options.strict, options.overwrite, options.resume
+        self.loss_fn = options.loss_fn or default_loss
+        self.custom_loss = options.loss_fn is not None
+        self.checkpoint_every = options.checkpoint_every
+        self.hvp_batch, self.hvp_method = options.hvp_batch, options.hvp_method
+        self.on_step, self.batch_fn = options.on_step, options.batch_fn
         self.path = Path(store)
         self.n_train = self.tap.n_samples
         self.layout, self.params = ParamLayout.from_model(model, optimizer)
@@ -102,49 +97,27 @@ class Tracker:
         compute_dtype = self.param_dtype if self.param_dtype in (torch.float32, torch.float64) else torch.float32
         self.compute_dtype = compute_dtype
         default_log = "float64" if compute_dtype == torch.float64 else "float32"
-        self.log_dtype = _LOG_DTYPES[store_dtype or default_log]
-        self.hvp_batch = hvp_batch
-        if hvp_method not in HVP_METHODS:
-            raise TrackingConfigError(f"hvp_method must be one of {HVP_METHODS}, got {hvp_method!r}.")
-        self.hvp_method = hvp_method
-        if on_step is not None and not callable(on_step):
-            raise TrackingConfigError("on_step must be a callable taking the Tracker.")
-        self.on_step = on_step
-        if batch_fn is not None and not callable(batch_fn):
-            raise TrackingConfigError("batch_fn must be a callable: loader batch -> (inputs, targets).")
-        self.batch_fn = batch_fn
-        if self.world_size > 1 and mode == "exact":
-            raise TrackingConfigError("exact mode does not support distributed training (its Hessian-vector "
-                                      "products need every rank's batch). Use mode='fast'.")
-        if self.world_size > 1 and resume:
+        self.log_dtype = _LOG_DTYPES[options.store_dtype or default_log]
+        if self.world_size > 1 and self.mode in ("exact", "replay"):
+            raise TrackingConfigError(f"mode={self.mode!r} does not support distributed training (its Hessian-vector "
+                                      "products, or replay, need every rank's batch). Use mode='fast'.")
+        if self.world_size > 1 and self.resume:
             raise TrackingConfigError("resume=True does not support distributed training yet: start a new run.")
-        if resume and overwrite:
-            raise TrackingConfigError("resume=True and overwrite=True exclude each other: pick one.")
-        self.resume = bool(resume)
-        if self.optimizer_kind != "SGD":
-            # Adam's preconditioner D_t is known only at the step: per-sample gradients are held in full until then
+        if self.rule.full_rows and self.mode != "replay":
+            # e.g. Adam's preconditioner D_t is known only at the step: per-sample gradients are held in full until then
             batch = getattr(self.tap.loader, "batch_size", None) or 1
             need = batch * self.layout.size * torch.finfo(compute_dtype).bits // 8
-            if need > _ADAM_BATCH_LIMIT:
+            if need > _FULL_ROWS_LIMIT:
                 raise TrackingConfigError(
-                    f"{self.optimizer_kind} tracking holds each step's per-sample gradients in full until the step "
+                    f"{self.rule.name} tracking holds each step's per-sample gradients in full until the step "
                     f"({batch} samples × {self.layout.size} parameters = {need / 2**30:.1f} GiB). Use a smaller "
                     "batch, track fewer parameters (optimizer groups), or train with SGD (projected in the hooks).")
 
         # BatchNorm in training mode couples a batch's samples: None, or how per-sample gradients are defined
-        self.batchnorm = batchnorm_route(model, batchnorm, self.world_size)
-        if mode == "exact":
-            if exact_indices is None:
-                tracked = np.arange(self.n_train, dtype=np.int64)
-            else:
-                tracked = np.asarray(exact_indices).reshape(-1)
-                if tracked.size == 0 or not np.issubdtype(tracked.dtype, np.integer):
-                    raise TrackingConfigError("exact_indices must be a non-empty list of integer dataset indices.")
-                tracked = tracked.astype(np.int64)
-                if tracked.min() < 0 or tracked.max() >= self.n_train:
-                    raise TrackingConfigError(f"exact_indices must lie in [0, {self.n_train}) (the dataset size).")
-                if len(np.unique(tracked)) != len(tracked):
-                    raise TrackingConfigError("exact_indices contains duplicates.")
+        # (a replay-only recording forms no per-sample gradients: replay differentiates the batch loss itself)
+        self.batchnorm = None if self.mode == "replay" else batchnorm_route(model, options.batchnorm, self.world_size)
+        if self.mode == "exact":
+            tracked = options.tracked_indices(self.n_train)
             need = 2 * len(tracked) * self.layout.size * torch.finfo(compute_dtype).bits // 8
             if need > _EXACT_MEMORY_LIMIT:
                 raise TrackingConfigError(
@@ -157,8 +130,6 @@ class Tracker:
                     "Set the dropout probabilities to 0 for the exact run, or use mode='fast'.")
             self.tracked = tracked
         else:
-            if exact_indices is not None:
-                raise TrackingConfigError("exact_indices applies to mode='exact' only; fast mode tracks every sample.")
             self.tracked = None
 
         self.step = 0
@@ -184,19 +155,21 @@ class Tracker:
                 raise
         else:
             path = self.path
-        previous = self._check_resumable(path) if self.resume else None
+        config = self.options.config(store_dtype=np.dtype(self.log_dtype).name, batchnorm=self.batchnorm,
+                                     batch_size=getattr(self.tap.loader, "batch_size", None), device=str(device))
+        previous = self._check_resumable(path, config) if self.resume else None
         if previous is not None:
             self.log_projector = previous.projector.to(dtype=self.compute_dtype)
         else:
             self.log_projector = Projector.plan(self.layout, self.projection_dim, self.seed, self.compute_dtype)
-        if self.mode == "exact" or self.optimizer_kind != "SGD":
-            # full-dimensional capture: exact mode needs the full rows; Adam scales them by D_t before projecting
+        if self.mode == "exact" or self.rule.full_rows:
+            # full-dimensional capture: exact mode needs the full rows; Adam's rule scales them by D_t before projecting
             capture_projector = Projector.plan(self.layout, None, self.seed, self.compute_dtype).to(device)
         else:
             capture_projector = self.log_projector.to(device)
         if self.mode == "exact":
             self.exact = ExactHypergradients(self.model, self.params, self.layout, self.tracked, self.n_train,
-                                             self.loss_fn, self.hvp_batch, self.hvp_method)
+                                             self.loss_fn, self.hvp_batch, self.hvp_method, rule=self.rule)
         else:
             self.exact = None
         self._device_log_projector = self.log_projector.to(device)
@@ -205,31 +178,30 @@ class Tracker:
         for n, b in self._buffers:
             buffers_meta.append({"name": n, "shape": list(b.shape), "offset": offset})
             offset += b.numel()
+        # what replaying the run will need (docs/replay.md): every single-process run records it
+        self.recorder = ReplayRecorder(self.loss_fn, self.batch_fn, _rtol(self.compute_dtype), self.compute_dtype) \
+            if self.world_size == 1 else None
         if previous is not None:
             self.writer = StoreWriter.reopen(path)
             self.step = self._last_checkpoint = previous.steps
+            self.recorder.resume(previous.meta.get("replay"), "replay" in previous.group)
             if self.exact is not None:
                 last = previous._n_checkpoints - 1
                 self.exact.h.copy_(torch.from_numpy(np.asarray(previous.group["exact/h"][last])))
                 self.exact.b.copy_(torch.from_numpy(np.asarray(previous.group["exact/b"][last])))
                 self.exact.seen |= (self.exact.h != 0).any(1) | (self.exact.b != 0).any(1)
         else:
-            config = {
-                "projection_dim": self.projection_dim, "seed": self.seed, "checkpoint_every": self.checkpoint_every,
-                "store_dtype": np.dtype(self.log_dtype).name, "loss_fn": "cross_entropy" if not self.custom_loss
-                else getattr(self.loss_fn, "__name__", "custom"), "custom_loss": self.custom_loss,
-                "batch_size": getattr(self.tap.loader, "batch_size", None), "torch_version": torch.__version__,
-                "device": str(device), "batchnorm": self.batchnorm,
-            }
             meta = new_run_meta(self.mode, self.n_train, self.layout, self.log_projector.to_json(), config,
-                                buffers_meta, self.optimizer_kind)
+                                buffers_meta, self.rule.name)
             if self.rank == 0:
                 meta["world_size"] = self.world_size
                 try:
+                    replay = None if self.recorder is None else {"meta": self.recorder.meta(),
+                                                                 "state_fields": self.rule.state_fields}
                     self.writer = StoreWriter.create(path, meta, self.layout, self.log_projector.arrays(),
                                                      self.log_projector.dim, self.log_dtype,
                                                      np.dtype(str(self.compute_dtype).replace("torch.", "")), offset,
-                                                     self.tracked, world_size=self.world_size)
+                                                     self.tracked, world_size=self.world_size, replay=replay)
                 except BaseException as exc:
                     self._share_outcome(f"rank 0 could not create the store: {exc!r}")
                     raise
@@ -240,7 +212,8 @@ class Tracker:
                     raise TrackingConfigError(problem)
                 self.writer = StoreWriter.attach_rank(path, self.rank)
         self.capture = GradientCapture(self.model, self.params, capture_projector, self.tap,
-                                       keep_root_calls=self.mode == "exact", batchnorm=self.batchnorm)
+                                       keep_root_calls=self.mode == "exact" or self.recorder is not None,
+                                       batchnorm=self.batchnorm, per_sample=self.mode != "replay")
         if previous is None:
             self._checkpoint()
         try:
@@ -277,38 +250,18 @@ class Tracker:
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
-    def _check_resumable(self, path):
+    def _check_resumable(self, path, config: dict):
         """The interrupted run at ``path``, if this tracker can continue it; else a clear error."""
         from .store import StoreReader
 
         previous = StoreReader(path)
-        meta = previous.meta
-        problems = []
-        if meta.get("optimizer", "SGD") != self.optimizer_kind:
-            problems.append(f"it was tracked with {meta.get('optimizer', 'SGD')}, this is {self.optimizer_kind}")
-        if meta["mode"] != self.mode:
-            problems.append(f"it was tracked in {meta['mode']} mode, this is {self.mode} mode")
-        if int(meta["n_train"]) != self.n_train:
-            problems.append(f"its dataset has {meta['n_train']} samples, this loader's has {self.n_train}")
-        if meta["params"] != self.layout.to_json():
-            problems.append("its model has other parameters (names, shapes or optimizer groups)")
-        if meta["config"].get("projection_dim") != self.projection_dim:
-            problems.append(f"it used projection_dim={meta['config'].get('projection_dim')}, "
-                            f"this is {self.projection_dim}")
-        if meta["config"].get("batchnorm") != self.batchnorm:
-            problems.append(f"it used batchnorm={meta['config'].get('batchnorm')!r}, this is {self.batchnorm!r}")
-        if meta["config"].get("store_dtype") != np.dtype(self.log_dtype).name:
-            problems.append(f"it stores {meta['config'].get('store_dtype')} rows, this would store "
-                            f"{np.dtype(self.log_dtype).name}")
-        if self.mode == "exact" and not np.array_equal(previous.tracked_indices, self.tracked):
-            problems.append("it tracks other exact_indices")
-        if problems:
-            raise TrackingConfigError(
-                f"Cannot resume {str(path)!r}: {'; '.join(problems)}. Resume with the same model, dataset and "
-                "options, or start a new run (overwrite=True or another store path).")
+        current = {"optimizer": self.rule.name, "mode": self.mode, "n_train": self.n_train,
+                   "params": self.layout.to_json(), "config": config}
+        self.options.check_resume(str(path), previous.meta, current,
+                                  previous.tracked_indices if self.mode == "exact" else None, self.tracked)
         stored = torch.from_numpy(previous.params_at(-1))
-        current = self.layout.flatten([p.detach().cpu().to(stored.dtype) for p in self.params])
-        if not torch.equal(stored, current):
+        live = self.layout.flatten([p.detach().cpu().to(stored.dtype) for p in self.params])
+        if not torch.equal(stored, live):
             raise TrackingConfigError(
                 f"Cannot resume {str(path)!r}: the model's parameters are not those of the run's last checkpoint "
                 f"(step {previous.steps}). Load them first with hydra_nb.open_store(path).load_params(model) "
@@ -358,12 +311,15 @@ class Tracker:
         The first steps, then every n-th (16 on the CPU, 100 on a GPU); and any step whose ``.grad`` was
         changed after the backward that filled it (clipping, a loss scaler, an assignment) or filled by several
         backwards (accumulation, or gradients zeroed by hand in between: the check tells which passes make
-        up ``.grad``), as ``capture.grads_changed`` sees it. A change that enters ``.grad`` through autograd (a loss term on the parameters, a parameter
-        hook, a parameter used outside its module) is caught at the first checked step it is present in:
-        from the start, at the first step, before anything is recorded; if it starts later, up to n − 1
-        steps late (those steps are in the store; tracking then stops and says so).
+        up ``.grad``), as ``capture.grads_changed`` sees it. A change that enters ``.grad`` through autograd (a
+        loss term on the parameters, a parameter hook, a parameter used outside its module) is caught at the
+        first checked step it is present in: from the start, at the first step, before anything is recorded;
+        if it starts later, up to n − 1 steps late (those steps are in the store; tracking then stops and
+        says so). Never in replay mode (no per-sample rows to check: replay's arrival check covers the run).
         """
         changed = self.capture.grads_changed()  # read every step: it also clears the notes
+        if self.mode == "replay":
+            return False
         if self.world_size > 1:  # a collective: only where every rank certainly is (a rank may stop later)
             return self.step == self._first_step
         n = self.step - self._first_step
@@ -403,17 +359,19 @@ class Tracker:
                             "check (it runs at sampled steps); if the change began there, so did wrong rows.") from None
                     raise
                 self._last_checked = self.step
-            trace_row = read_step(optimizer, self.params, self.layout)
+            trace_row = self.rule.read_step(optimizer, self.params, self.layout)
+            calls = self._record_calls(passes)
             if passes:
                 samples = torch.cat([p.indices for p in passes])
-                rows = torch.cat([p.buf for p in passes])
-                if self.world_size > 1:  # DDP averages the ranks' gradients: each sample enters .grad over W
+                rows = torch.cat([p.buf for p in passes]) if self.mode != "replay" else None  # replay: no rows
+                if rows is not None and self.world_size > 1:  # DDP averages the ranks' gradients: each sample enters .grad over W
                     rows = rows / self.world_size
             else:
                 samples = torch.zeros(0, dtype=torch.int64)
                 rows = None
-            if rows is not None and self.optimizer_kind != "SGD":
-                rows = self._device_log_projector.project_flat(rows * self._preconditioner(optimizer, rows))
+            if rows is not None and self.rule.full_rows:
+                rows = self.rule.precondition(optimizer, self.params, self.layout, rows)
+                rows = self._device_log_projector.project_flat(rows)
             if self.exact is not None:
                 self.capture.suspended = True
                 batch_loss = make_batch_loss(self.model, passes, self.loss_fn, _rtol(self.compute_dtype),
@@ -425,8 +383,9 @@ class Tracker:
                     samples, rows = samples[keep], self._device_log_projector.project_flat(rows[keep.to(rows.device)])
                 else:
                     self.exact.step(trace_row, samples, torch.zeros(0, self.layout.size), batch_loss)
-            self.writer.put_step(trace_row, samples, None if rows is None else rows.to(_torch_dtype(self.log_dtype)))
-            self.stats["rows"] += len(samples)
+            self.writer.put_step(trace_row, samples, None if rows is None else rows.to(_torch_dtype(self.log_dtype)),
+                                 calls)
+            self.stats["rows"] += len(samples) if rows is not None else 0
             self._pending_step = True
         except Exception as exc:
             # nothing of this step reached the store; exact h may have moved past it
@@ -436,12 +395,15 @@ class Tracker:
             self.capture.suspended = False
             self._own_seconds += time.perf_counter() - start
 
-    def _preconditioner(self, optimizer, rows: torch.Tensor) -> torch.Tensor:
-        """Adam's D_t for the step about to be taken, flat in the layout (zeros where a parameter has no .grad)."""
-        parts = [torch.zeros(s.numel, dtype=rows.dtype, device=rows.device) if d is None
-                 else d.reshape(-1).to(device=rows.device, dtype=rows.dtype)
-                 for d, s in zip(adam_preconditioner(optimizer, self.params), self.layout.slots)]
-        return torch.cat(parts)
+    def _record_calls(self, passes) -> list | None:
+        """This step's backward calls for replay (None: not recorded); tells the store when that changes."""
+        if self.recorder is None:
+            return None
+        before = (self.recorder.supported, self.recorder.fingerprint is not None)
+        calls = self.recorder.step(passes)
+        if (self.recorder.supported, self.recorder.fingerprint is not None) != before:
+            self.writer.put_replay_meta(self.recorder.meta())
+        return calls
 
     def _after_step(self, optimizer, args, kwargs) -> None:
         if not self.active or not self._pending_step:
@@ -479,9 +441,22 @@ class Tracker:
         buffers = torch.cat([b.detach().reshape(-1).to(torch.float64) for _, b in self._buffers]) if self._buffers else None
         h = self.exact.h if self.exact is not None else None
         b = self.exact.b if self.exact is not None else None
-        self.writer.put_checkpoint(self.step, params, buffers, h, b)
+        self.writer.put_checkpoint(self.step, params, buffers, h, b, state=self._optimizer_state())
         self._last_checkpoint = self.step
         self._own_seconds += time.perf_counter() - start
+
+    def _optimizer_state(self) -> dict | None:
+        """The optimizer's state now, flat per field (zeros where torch has none) with a present-per-parameter mask."""
+        if self.recorder is None:
+            return None
+        state = self.rule.read_state(self.optimizer, self.params)
+        out = {}
+        for f in self.rule.state_fields:
+            values = state.get(f, [None] * len(self.params))
+            flat = self.layout.flatten([torch.zeros_like(p, dtype=self.compute_dtype) if v is None
+                                        else v.detach().to(self.compute_dtype) for p, v in zip(self.params, values)])
+            out[f] = (flat, np.asarray([v is not None for v in values], dtype=bool))
+        return out
 
     # -- failures ---------------------------------------------------------------------------
     def _fail(self, exc: Exception) -> None:
@@ -551,6 +526,9 @@ def track(model: nn.Module, loader, store, optimizer, mode: str = "fast", projec
     The store then answers ``contributions[j, i] = −∂L(z_j; θ_T)/∂w_i``: the derivative of test sample
     z_j's loss at the final parameters with respect to the weight (1 + w_i) of training sample i's term
     in every batch loss, at w = 0. Positive means sample i lowered z_j's loss.
+
+    Every option is a field of :class:`hydra_nb.options.TrackOptions` (its default, help text and check);
+    a value it refuses raises a ``TrackingConfigError`` saying what to pass instead.
 
     Args:
         mode: ``"fast"`` (all samples, Hessian terms dropped) or ``"exact"`` (Hessian-vector products

@@ -40,6 +40,7 @@ from torch.func import functional_call
 from torch.utils.data import DataLoader, TensorDataset
 
 DT = torch.float64
+RNG = "__rng_state__"  # key of a call's recorded random-number state (Run(record_rng=True))
 
 
 def ce_loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -76,13 +77,20 @@ class Run:
 
     ``state_attrs``: plain attributes of the model that change its forward during training (e.g. a
     switch that leaves a branch unused); their values are recorded at each backward call and
-    replayed; test losses use their values at the time of the reference call.
+    replayed; test losses use their values at the time of the reference call. ``record_rng``: also
+    record the random-number state each training forward started from (models with dropout; only
+    the whole-batch references replay it faithfully).
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, X: torch.Tensor, Y: torch.Tensor,
-                 loss_fn=ce_loss, reduction: str = "mean", state_attrs=()):
+                 loss_fn=ce_loss, reduction: str = "mean", state_attrs=(), record_rng: bool = False):
         assert reduction in ("mean", "sum")
+        # record_rng: note the random-number state before each training forward (dropout), so that the
+        # whole-batch references (unrolled_contributions, replay_sgd) draw the same masks
+        self.record_rng = record_rng
         self.model = copy.deepcopy(model)  # architecture for functional_call (keeps tied weights tied)
+        if record_rng:
+            model.register_forward_pre_hook(self._note_rng)
         self.live_model = model
         self.optimizer = optimizer
         self.X, self.Y = X, Y
@@ -131,11 +139,20 @@ class Run:
 
     def backward(self, xb, yb=None, scale: float = 1.0) -> None:
         state = {a: getattr(self.live_model, a) for a in self.state_attrs}
+        if self.record_rng:
+            state[RNG] = self._rng_before_forward
         self._pending.append((self.indices_of(xb, yb), float(scale), state))
+
+    def _note_rng(self, module, args) -> None:
+        if module.training and torch.is_grad_enabled():
+            self._rng_before_forward = torch.get_rng_state()
 
     def set_state(self, state: dict) -> None:
         for a, v in state.items():
-            setattr(self.model, a, v)
+            if a == RNG:  # the forward draws the dropout masks the training forward drew
+                torch.set_rng_state(v)
+            else:
+                setattr(self.model, a, v)
 
     def zero_grad(self) -> None:
         self._pending = []
@@ -189,7 +206,10 @@ class Run:
         new = {}
         for n in self.names:
             if not step.active[n]:
-                new[n] = theta[n]
+                # skipped by the optimizer: a new graph node, not the same tensor, so that the next step's
+                # gradient with respect to it is the partial derivative (the same tensor is an ancestor of the
+                # other parameters' updates, and autograd.grad would add those paths)
+                new[n] = theta[n].clone()
                 continue
             hp = step.hyper[self.group_of_name[n]]
             lr, mom, damp, wd, nest = hp["lr"], hp["momentum"], hp["dampening"], hp["weight_decay"], hp["nesterov"]
@@ -604,7 +624,10 @@ class AdamRun(Run):
         new = {}
         for n in self.names:
             if not step.active[n]:
-                new[n] = theta[n]
+                # skipped by the optimizer: a new graph node, not the same tensor, so that the next step's
+                # gradient with respect to it is the partial derivative (the same tensor is an ancestor of the
+                # other parameters' updates, and autograd.grad would add those paths)
+                new[n] = theta[n].clone()
                 continue
             hp = step.hyper[self.group_of_name[n]]
             lr, b1, b2, eps, wd = hp["lr"], hp["beta1"], hp["beta2"], hp["eps"], hp["weight_decay"]

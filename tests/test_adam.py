@@ -17,8 +17,10 @@ from scipy.stats import spearmanr
 
 import hydra_nb
 from hydra_nb.errors import TrackingConfigError
+from functional_check import replay_from_store
 from reference import (AdamRun, DT, adam_hessian_free_contributions, assert_replay_matches, layout_check, make_data,
-                       make_loader, make_mlp, rel_err, replay_sgd, tracked_training, unrolled_contributions)
+                       make_loader, make_mlp, rel_err, replay_sgd, replay_tolerance, tracked_training,
+                       unrolled_contributions)
 
 FAST_TOL = 1e-9
 # Approximation (2) alone, i.e. hydra_nb vs reference (1) on the same run. Measured on these 8-step
@@ -165,6 +167,40 @@ def test_adam_trajectory_matches_reference_at_every_checkpoint(tmp_path):
         assert rel_err(got[:, c + 1], ref["values"][:, c]) < FAST_TOL
 
 
+def test_adam_store_trace_replays_training(tmp_path):
+    """The store holds everything Adam's step depends on: θ_0 from the store, its trace rows and the recorded batches'
+    gradients through ``functional_step`` give every checkpoint (several groups, amsgrad, a parameter without .grad
+    at some steps, a StepLR schedule)."""
+    def opt_fn(m):
+        return torch.optim.AdamW([
+            {"params": [m[0].weight], "lr": 0.05, "betas": (0.8, 0.99), "weight_decay": 0.1},
+            {"params": [m[0].bias, m[2].weight], "lr": 0.02, "amsgrad": True, "weight_decay": 0.0},
+            {"params": [m[2].bias], "lr": 0.1, "betas": (0.0, 0.9), "eps": 1e-2}], lr=1.0)
+
+    def pre_step(t):
+        if t < 2 or t == 5:
+            model[0].bias.grad = None
+
+    model = None
+
+    def make(m):
+        nonlocal model
+        model = m
+        return opt_fn(m)
+
+    _, run, store, _, _ = adam_case(tmp_path, make, checkpoint_every=3, train_kw={"pre_step": pre_step},
+                                    scheduler_fn=lambda o: torch.optim.lr_scheduler.StepLR(o, step_size=2, gamma=0.5))
+    trace = store.trace()
+    assert trace["step"][-1].tolist() == [float(run.optimizer.state[p]["step"]) for p in model.parameters()]
+    assert trace["amsgrad"][0].tolist() == [False, True, True, False]
+    thetas = replay_from_store(run, store)
+    assert sorted(thetas) == list(store.checkpoint_steps)
+    for c, s in enumerate(store.checkpoint_steps):
+        stored = torch.from_numpy(store.params_at(c))
+        # measured: bitwise equal here; the bound allows the reference's own order of gradient sums
+        assert float((thetas[int(s)] - stored).norm() / stored.norm()) < replay_tolerance(run), s
+
+
 def test_adam_reference_replays_torch_adam(tmp_path):
     """The reference's hand-written Adam equals torch.optim.Adam/AdamW (amsgrad, coupled L2 too)."""
     for opt_fn in (lambda m: torch.optim.Adam(m.parameters(), lr=0.05, weight_decay=0.1, amsgrad=True),
@@ -234,7 +270,7 @@ def test_other_optimizers_still_refused(tmp_path):
 def test_adam_huge_batch_is_refused(tmp_path, monkeypatch):
     import hydra_nb.tracker as tracker
 
-    monkeypatch.setattr(tracker, "_ADAM_BATCH_LIMIT", 100)
+    monkeypatch.setattr(tracker, "_FULL_ROWS_LIMIT", 100)
     msg = _refused(tmp_path, lambda m: torch.optim.AdamW(m.parameters(), lr=0.01))
     assert "holds each step's per-sample gradients in full" in msg and "smaller batch" in msg
 

@@ -216,7 +216,7 @@ def test_training_and_running_statistics_bit_identical(tmp_path, model_name, cho
         assert torch.equal(a, b), f"{n} differs with tracking"
     assert int(model[1].num_batches_tracked) == run.T
     # the last checkpoint stores the running statistics as training left them (queries use them)
-    flat = store._buffers_at(-1)
+    flat = store.reader.buffers_at(-1)
     for b in store.meta["buffers"]:
         n = int(np.prod(b["shape"]))
         np.testing.assert_array_equal(flat[b["offset"]:b["offset"] + n],

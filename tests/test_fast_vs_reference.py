@@ -12,8 +12,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, RandomSampler, Sampler, SubsetRandomSampler, TensorDataset
 
+from functional_check import replay_from_store
 from reference import (DT, assert_replay_matches, expected_checkpoints, hessian_free_contributions,
-                       layout_check, make_data, make_loader, make_mlp, rel_err, tracked_training)
+                       layout_check, make_data, make_loader, make_mlp, rel_err, replay_tolerance, tracked_training)
 
 FAST_TOL = 1e-8
 PROJ_TOL = 1e-10
@@ -89,6 +90,34 @@ def test_fast_three_param_groups(tmp_path):
     model, run, store, Xt, Yt = fast_case(tmp_path, opt_fn)
     assert [s.group for s in store.layout.slots] == [0, 1, 1, 2]
     check_fast(model, run, store, Xt, Yt)
+
+
+def test_store_trace_replays_training(tmp_path):
+    """The store holds everything SGD's step depends on: θ_0 from the store, its trace rows and the recorded batches'
+    gradients through ``functional_step`` give every checkpoint (three groups, Nesterov, dampening, a schedule,
+    gradient accumulation, a parameter without .grad at some steps)."""
+    model = make_mlp()
+
+    def pre_step(t):
+        if t in (0, 3):
+            model[2].weight.grad = None
+
+    def opt_fn(m):
+        return torch.optim.SGD([
+            {"params": [m[0].weight], "lr": 0.2, "momentum": 0.9, "nesterov": True, "weight_decay": 0.02},
+            {"params": [m[0].bias, m[2].weight], "lr": 0.07, "momentum": 0.5, "dampening": 0.3},
+            {"params": [m[2].bias], "lr": 0.4, "weight_decay": 0.1},
+        ], lr=1.0)
+
+    _, run, store, _, _ = fast_case(
+        tmp_path, opt_fn, model=model, checkpoint_every=2, epochs=3, train_kw={"pre_step": pre_step, "accum": 2},
+        scheduler_fn=lambda o: torch.optim.lr_scheduler.StepLR(o, step_size=2, gamma=0.5))
+    assert not store.trace()["active"][0, 2] and store.trace()["first"][1, 2]
+    thetas = replay_from_store(run, store)
+    assert sorted(thetas) == list(store.checkpoint_steps)
+    for c, s in enumerate(store.checkpoint_steps):
+        stored = torch.from_numpy(store.params_at(c))
+        assert float((thetas[int(s)] - stored).norm() / stored.norm()) < replay_tolerance(run), s
 
 
 SCHEDULERS = {

@@ -405,3 +405,38 @@ def test_batchnorm_flag(ip):
     assert r.success, r.error_in_exec
     assert ip.user_ns["hydra_store"].meta["config"]["batchnorm"] == "fixed"
     assert "--batchnorm" in usage_error(ip, cell(store="runs/b.zarr", flags="--batchnorm approx"))
+
+
+# -- flags generated from TrackOptions --------------------------------------------------------
+
+def test_option_flags_are_generated_from_track_options():
+    from dataclasses import fields
+
+    from hydra_nb.options import TrackOptions
+
+    actions = {a.dest: a for a in HydraMagics.hydra_track.parser._actions}
+    flagged = [f for f in fields(TrackOptions) if "flag" in f.metadata]
+    assert {f.metadata["flag"] for f in flagged} >= {"--mode", "--dim", "--checkpoint-every", "--seed", "--store-dtype",
+                                                     "--overwrite", "--strict", "--resume", "--batchnorm",
+                                                     "--hvp-batch", "--hvp-method"}
+    for f in flagged:
+        action = actions[f.name]
+        assert action.option_strings == [f.metadata["flag"]]
+        assert action.default == f.default and action.help == f.metadata["help"]
+        assert tuple(action.choices or ()) == tuple(f.metadata.get("choices", ()))
+    # options without a flag of their own: from the namespace (--loss, --exact-indices) or the magic itself (on_step)
+    for name in ("loss_fn", "on_step", "batch_fn"):
+        assert name not in actions
+    assert actions["exact_indices"].option_strings == ["--exact-indices"] and actions["exact_indices"].type is None
+
+
+def test_hvp_flags_reach_the_tracker(ip):
+    ip.user_ns.update(objects(dtype=torch.float64))
+    body = LOOP.replace("range(2)", "range(1)") + (
+        "seen = get_ipython().magics_manager.registry['HydraMagics']._tracker.options\n")
+    r = ip.run_cell(cell(flags="--mode exact --exact-indices 'range(4)' --hvp-method loop --hvp-batch 3 --dim 16",
+                         body=body))
+    assert r.success, r.error_in_exec
+    seen = ip.user_ns["seen"]
+    assert (seen.hvp_method, seen.hvp_batch, seen.mode, seen.exact_indices) == ("loop", 3, "exact", (0, 1, 2, 3))
+    assert "--hvp-batch must be a positive int" in usage_error(ip, cell(store="runs/b.zarr", flags="--hvp-batch 0"))

@@ -24,10 +24,12 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 import hydra_nb
-from hydra_nb.hypergrad import TRACE_FIELDS, response_coefficients
+from hydra_nb.hypergrad import response_coefficients
+from hydra_nb.optim import AdamRule, SGDRule
 from hydra_nb.params import ParamLayout
 from hydra_nb.projection import Projector
-from hydra_nb.query import ClassMatrix, TopK, _CoefficientSweep
+from hydra_nb.query import ClassMatrix, TopK
+from hydra_nb.sources.fast import CoefficientSweep
 from hydra_nb.store import StoreWriter, new_run_meta
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -76,8 +78,7 @@ def synthetic_store(path, model, N, *, epochs=2, batch=16, projection_dim=None, 
         perm = rng.permutation(N)
         for b in range(0, N, batch):
             samples = perm[b:b + batch]
-            row = {f: np.zeros(P) for f in TRACE_FIELDS[:4]}
-            row.update({f: np.zeros(P, dtype=bool) for f in TRACE_FIELDS[4:]})
+            row = SGDRule().empty_row(P)
             for i, slot in enumerate(layout.slots):
                 g = opt.param_groups[slot.group]
                 row["lr"][i] = g["lr"] * (0.97 ** step)  # a schedule
@@ -109,12 +110,12 @@ def make_test_points(n, d_in=6, classes=3, dtype=torch.float64, seed=1):
 # ------------------------------------------------------------------------------------------
 def reference_h(store, checkpoint=-1):
     """Projected h_S(i) for every sample (N, k) in float64."""
-    c = store._checkpoint_index(checkpoint)
+    c = store.reader.checkpoint_index(checkpoint)
     S = int(store.checkpoint_steps[c])
     H = np.zeros((store.n_train, store.projector.dim))
     if S == 0:
         return H
-    coef = response_coefficients(store.trace(S), [S])[0]  # (S, P)
+    coef = response_coefficients(store.trace(S), [S], store.optimizer_rule)[0]  # (S, P)
     end = int(store.group["trace/row_end"][S - 1])
     samples = np.asarray(store.group["log/sample"][:end])
     steps = np.asarray(store.group["log/step"][:end])
@@ -125,7 +126,7 @@ def reference_h(store, checkpoint=-1):
 
 
 def reference_contributions(store, model, X, Y, checkpoint=-1):
-    c = store._checkpoint_index(checkpoint)
+    c = store.reader.checkpoint_index(checkpoint)
     G = store.test_gradients(model, X, Y, c).to(torch.float64)
     PG = store.projector.to(dtype=torch.float64).project_flat(G).numpy()
     return -(PG @ reference_h(store, c).T)
@@ -213,7 +214,7 @@ def test_adam_response_coefficients_match_a_scalar_simulation():
     T, P = 25, 4
     trace = random_adam_trace(T, P)
     stops = [25, 9, 17]
-    got = response_coefficients(trace, stops)
+    got = response_coefficients(trace, stops, AdamRule())
     for j, S in enumerate(stops):
         for t0 in range(S):
             for p in range(P):
@@ -230,15 +231,16 @@ def test_adam_response_coefficients_match_a_scalar_simulation():
 @pytest.mark.parametrize("kind", ["sgd", "adam"])
 @pytest.mark.parametrize("trace_block, segment_bytes", [(7, 16 << 20), (4096, 1)])
 def test_sweep_matches_response_coefficients(monkeypatch, trace_block, segment_bytes, kind):
-    import hydra_nb.query as q
+    import hydra_nb.sources.fast as q
 
     monkeypatch.setattr(q, "_TRACE_BLOCK", trace_block)  # several trace reads per request
     monkeypatch.setattr(q, "_SEGMENT_BYTES", segment_bytes)  # segments of one step
     T, P = 60, 3
     trace = random_trace(T, P) if kind == "sgd" else random_adam_trace(T, P)
+    rule = SGDRule() if kind == "sgd" else AdamRule()
     stops = np.array([60, 12, 37, 5])
-    ref = response_coefficients(trace, stops)  # (4, 60, 3)
-    sweep = _CoefficientSweep(trace, stops)
+    ref = response_coefficients(trace, stops, rule)  # (4, 60, 3)
+    sweep = CoefficientSweep(trace, stops, rule.transitions)
     # descending blocks of distinct steps, adjacent blocks sharing their boundary step (as log blocks do)
     for lo, hi in [(50, 60), (41, 51), (41, 42), (20, 42), (3, 21), (0, 4)]:
         steps = np.unique(np.random.default_rng(lo).integers(lo, hi, 6).tolist() + [lo, hi - 1])
@@ -247,7 +249,7 @@ def test_sweep_matches_response_coefficients(monkeypatch, trace_block, segment_b
     # out of order: restarts from the top and is still right
     np.testing.assert_allclose(sweep.at(np.array([30, 55])), ref[:, [30, 55]], rtol=1e-13, atol=1e-15)
     # steps at or after every stop are zero
-    np.testing.assert_array_equal(_CoefficientSweep(trace, [10]).at(np.array([10, 11])), 0.0)
+    np.testing.assert_array_equal(CoefficientSweep(trace, [10], rule.transitions).at(np.array([10, 11])), 0.0)
 
 
 # ------------------------------------------------------------------------------------------

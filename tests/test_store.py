@@ -137,10 +137,20 @@ def _interrupted_run(path, mode, fail_at, opt_name="sgd"):
     return saved
 
 
-@pytest.mark.parametrize("mode,opt_name", [("fast", "sgd"), ("exact", "sgd"), ("fast", "adamw")])
-def test_resume_after_an_interruption_equals_an_uninterrupted_run(tmp_path, mode, opt_name):
+@pytest.mark.parametrize("mode,opt_name,old_store", [("fast", "sgd", False), ("exact", "sgd", False),
+                                                     ("fast", "adamw", False), ("fast", "adamw", True)])
+def test_resume_after_an_interruption_equals_an_uninterrupted_run(tmp_path, mode, opt_name, old_store):
+    """``old_store``: the interrupted store lacks the trace fields a rule gained later (Adam's beta2, eps, amsgrad,
+    decoupled, step), as one written by an older hydra_nb: it still reads, and resumes keeping its own fields."""
     path = tmp_path / "a.zarr"
     saved = _interrupted_run(path, mode, fail_at=10, opt_name=opt_name)  # at the start of epoch 3
+    rule = hydra_nb.open_store(path).optimizer_rule
+    if old_store:
+        import shutil
+
+        assert set(rule.trace_fields) > set(rule.fast_fields)
+        for f in set(rule.trace_fields) - set(rule.fast_fields):
+            shutil.rmtree(path / "trace" / f)
     store = hydra_nb.open_store(path)
     assert store.steps == 10 and store.status.startswith("interrupted at step 10")
     run_id = store.meta["run_id"]
@@ -174,6 +184,10 @@ def test_resume_after_an_interruption_equals_an_uninterrupted_run(tmp_path, mode
                 opt.step()
     whole = hydra_nb.open_store(tmp_path / "b.zarr")
     assert list(whole.checkpoint_steps) == list(resumed.checkpoint_steps) == [0, 5, 10, 15]
+    assert whole.trace_fields == rule.trace_fields
+    assert resumed.trace_fields == (rule.fast_fields if old_store else rule.trace_fields)
+    for f in resumed.trace_fields:
+        np.testing.assert_array_equal(resumed.trace()[f], whole.trace()[f])
     np.testing.assert_allclose(resumed.contributions(net, TEST_X, TEST_Y), whole.contributions(net, TEST_X, TEST_Y),
                                rtol=1e-9, atol=1e-13)
     if mode == "exact":
@@ -288,7 +302,7 @@ def test_writer_rows_come_back_exactly_across_chunks_flushes_and_a_reopen(tmp_pa
     import zarr
 
     import hydra_nb.store as store_module
-    from hydra_nb.hypergrad import TRACE_FIELDS
+    from hydra_nb.optim import SGDRule
     from hydra_nb.params import ParamLayout
     from hydra_nb.projection import Projector
     from hydra_nb.store import StoreWriter, new_run_meta
@@ -309,8 +323,8 @@ def test_writer_rows_come_back_exactly_across_chunks_flushes_and_a_reopen(tmp_pa
     def run(writer, first_step, sizes, checkpoint_every):
         step = first_step
         for n in sizes:
-            row = {f: np.full(1, step, dtype=np.float64) for f in TRACE_FIELDS[:4]}
-            row.update({f: np.ones(1, dtype=bool) for f in TRACE_FIELDS[4:]})
+            row = {f: np.full(1, step, dtype=np.float64) for f in SGDRule.trace_fields[:4]}
+            row.update({f: np.ones(1, dtype=bool) for f in SGDRule.trace_fields[4:]})
             samples = rng.integers(0, 1000, n)
             rows = rng.standard_normal((n, projector.dim))
             writer.put_step(row, torch.from_numpy(samples), torch.from_numpy(rows))

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 import hydra_nb
 from hydra_nb.examples import MLP, SmallCNN, load_digits
 from hydra_nb.widgets import Explorer, explore
-from hydra_nb.widgets.data import Samples
+from hydra_nb.data import Samples
 from hydra_nb.widgets.wire import pack, put_buffers, split_buffers, unpack
 
 REPO = Path(__file__).resolve().parents[1]

@@ -53,13 +53,15 @@ _BATCHNORM = (nn.modules.batchnorm._BatchNorm, nn.SyncBatchNorm)
 
 @dataclass
 class RootCall:
-    """One call of the root model during a training forward (kept for exact mode's HVPs)."""
+    """One call of the root model during a training forward (exact mode's HVPs, BatchNorm, replay's record)."""
 
     args: tuple
     kwargs: dict
     output: torch.Tensor
     output_grad: torch.Tensor | None = None
     bn_records: list = field(default_factory=list)  # BatchNorm calls inside it, in order (batchnorm.BNRecord)
+    rng: torch.Tensor | None = None  # CPU generator state before the forward, if the forward drew random numbers
+    cuda_rng: torch.Tensor | None = None  # the output device's CUDA generator state, likewise
 
 
 @dataclass
@@ -116,7 +118,8 @@ class GradientCapture:
     """Hooks that turn the user's backward into projected per-sample gradients, one ``Pass`` per batch."""
 
     def __init__(self, model: nn.Module, params: list[nn.Parameter], projector: Projector, tap: LoaderTap,
-                 keep_root_calls: bool = False, batchnorm: str | None = None, route: str = "auto"):
+                 keep_root_calls: bool = False, batchnorm: str | None = None, route: str = "auto",
+                 per_sample: bool = True):
         if route not in ROUTES:
             raise TrackingConfigError(f"route must be one of {', '.join(map(repr, ROUTES))} (which way the layer rules "
                                       f"sketch per-sample gradients; 'auto' chooses by cost), got {route!r}.")
@@ -126,8 +129,11 @@ class GradientCapture:
         self.projector = projector
         self.tap = tap
         self.batchnorm = batchnorm  # None, or the choice for BatchNorm in training mode ("fixed" | "exact")
-        self.keep_root_calls = keep_root_calls or batchnorm is not None
+        # per_sample False: no per-sample gradients at all, only the root calls (replay's record)
+        self.per_sample = per_sample
+        self.keep_root_calls = keep_root_calls or batchnorm is not None or not per_sample
         self._bn_records: list | None = None
+        self._rng_before: tuple | None = None
         self.passes: dict[int, Pass] = {}
         self.fallback_calls: list[_DeferredCall] = []
         self.failure: BaseException | None = None
@@ -144,16 +150,23 @@ class GradientCapture:
 
     # -- lifecycle -----------------------------------------------------------------------
     def attach(self) -> None:
-        for i, p in enumerate(self.params):
+        for i, p in enumerate(self.params):  # what .grad is after each backward (the check's sampling reads it)
             self._handles.append(p.register_post_accumulate_grad_hook(self._grad_accumulated(i)))
-        if self.batchnorm is not None:
-            # the whole model's per-sample gradients, from its root calls and their BatchNorm statistics
-            self._handles.append(self.model.register_forward_pre_hook(self._root_pre_hook))
-            for module in self.model.modules():
-                if isinstance(module, _BATCHNORM):
-                    self._handles.append(module.register_forward_pre_hook(self._bn_record_hook))
-            self._handles.append(self.model.register_forward_hook(self._root_hook, with_kwargs=True))
-            return
+        if self.keep_root_calls:
+            # the root model's calls: exact mode's HVPs, BatchNorm's per-sample gradients, replay's record.
+            # Hooks are closures, not bound methods: a copy.deepcopy of the model (a notebook taking a snapshot)
+            # then shares them instead of deep-copying this capture, its loader tap and the loader
+            self._handles.append(self.model.register_forward_pre_hook(
+                lambda module, args: self._root_pre_hook(module, args)))
+            if self.batchnorm is not None:
+                for module in self.model.modules():
+                    if isinstance(module, _BATCHNORM):
+                        self._handles.append(module.register_forward_pre_hook(
+                            lambda m, args: self._bn_record_hook(m, args)))
+            self._handles.append(self.model.register_forward_hook(
+                lambda module, args, kwargs, output: self._root_hook(module, args, kwargs, output), with_kwargs=True))
+        if self.batchnorm is not None or not self.per_sample:
+            return  # BatchNorm: the whole model's per-sample gradients come from its root calls
         for owner in self.owners:
             blocks = {name: self.projector.blocks[b] for name, b in owner.owned}
             if owner.rule.follow is not None:
@@ -166,9 +179,7 @@ class GradientCapture:
             self._handles.append(owner.module.register_forward_hook(hook, with_kwargs=owner.rule.deferred))
         for module in self.model.modules():
             if isinstance(module, _BATCHNORM):
-                self._handles.append(module.register_forward_pre_hook(self._batchnorm_guard))
-        if self.keep_root_calls:
-            self._handles.append(self.model.register_forward_hook(self._root_hook, with_kwargs=True))
+                self._handles.append(module.register_forward_pre_hook(lambda m, args: self._batchnorm_guard(m, args)))
 
     def detach(self) -> None:
         for h in self._handles:
@@ -278,7 +289,10 @@ class GradientCapture:
 
     @_guarded
     def _root_pre_hook(self, module, args):
-        self._bn_records = [] if self._capturing() else None
+        capturing = self._capturing()
+        self._bn_records = [] if capturing else None
+        # the generators' states before the forward: kept if the forward draws random numbers (dropout)
+        self._rng_before = _rng_states(self.params[0].device) if capturing else None
 
     @_guarded
     def _bn_record_hook(self, module, args):
@@ -359,12 +373,18 @@ class GradientCapture:
         p = self._pass_for(leaves[0].shape[0] if leaves else output.shape[0])
         if p is None:
             return
+        before, self._rng_before = self._rng_before, None
         call = RootCall(
             tuple(a.detach() if torch.is_tensor(a) else a for a in args),
             {k: v.detach() if torch.is_tensor(v) else v for k, v in kwargs.items()},
             output.detach(),
             bn_records=records or [],
         )
+        if before is not None:
+            after = _rng_states(self.params[0].device)
+            call.rng = None if torch.equal(before[0], after[0]) else before[0]
+            if before[1] is not None and not torch.equal(before[1], after[1]):
+                call.cuda_rng = before[1]
 
         def on_grad(grad):
             call.output_grad = grad.detach() if call.output_grad is None else call.output_grad + grad.detach()
@@ -376,11 +396,13 @@ class GradientCapture:
     def take(self) -> list[Pass]:
         """The passes since the last step (or zero_grad), with every fallback gradient computed."""
         try:
-            self._run_fallbacks()
-            self._run_batchnorm()
+            if self.per_sample:
+                self._run_fallbacks()
+                self._run_batchnorm()
         finally:
             self.fallback_calls.clear()
-        passes = [p for _, p in sorted(self.passes.items()) if p.buf is not None]
+        passes = [p for _, p in sorted(self.passes.items())
+                  if p.buf is not None or (not self.per_sample and p.backpropagated)]
         self.passes.clear()
         return passes
 
@@ -568,6 +590,11 @@ class GradientCapture:
             "use the optimizer's weight_decay instead), or a parameter is used outside the module that owns it. "
             f"Parameters with gradients: {', '.join(names[:8])}{'…' if len(names) > 8 else ''}."
         )
+
+
+def _rng_states(device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(CPU generator state, the CUDA generator state of the model's device or None), as a forward sees them."""
+    return torch.get_rng_state(), (torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
 
 
 def _store_cotangent(call: _DeferredCall, j: int):

@@ -4,6 +4,6 @@ The front end is built from ``js/`` into ``static/explorer.js`` (committed; ``np
 ``js/`` rebuilds it byte for byte). Static equivalents for reports: :mod:`hydra_nb.plot`.
 """
 
-from .explorer import Explorer, epoch_boundaries, explore
+from .explorer import Explorer, explore
 
-__all__ = ["Explorer", "explore", "epoch_boundaries"]
+__all__ = ["Explorer", "explore"]

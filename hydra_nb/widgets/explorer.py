@@ -24,7 +24,6 @@ through the ``live_state`` trait instead.
 from __future__ import annotations
 
 import copy
-import math
 import time
 from collections import OrderedDict
 from pathlib import Path
@@ -34,9 +33,9 @@ import numpy as np
 import torch
 import traitlets
 
+from ..data import Samples, as_samples
 from ..errors import StoreError
-from ..query import Store, open_store
-from .data import Samples, as_samples
+from ..query import Store, open_store, smallest_k
 from .wire import pack, split_buffers
 
 STATIC = Path(__file__).parent / "static"
@@ -251,7 +250,7 @@ class Explorer(anywidget.AnyWidget):
         groups = {}
         keys = {"helpful": -row, "harmful": row, "absolute": -np.abs(row)}
         for name in (("helpful", "harmful") if sort == "both" else (sort,)):
-            order = _smallest(keys[name], k)
+            order = smallest_k(keys[name], k)
             groups[name] = (tracked[order], row[order])
         return groups, int(len(row))
 
@@ -282,7 +281,7 @@ class Explorer(anywidget.AnyWidget):
         steps, values = self.trajectories(test, train, progress=progress)
         train = np.asarray([int(i) for i in train], dtype=np.int64)
         return {"test": int(test), "steps": pack(steps, "float64"), "values": pack(values, "float64"),
-                "epochs": pack(epoch_boundaries(self._store), "float64"),
+                "epochs": pack(self._store.epoch_boundaries(), "float64"),
                 "epoch_exact": self._store.meta["config"].get("checkpoint_every") == "epoch",
                 "train": pack(train), "labels": pack(self.train.label_of(train))}
 
@@ -360,34 +359,13 @@ def _packed_view(samples: Samples, ids) -> dict:
     return view
 
 
-def _smallest(values: np.ndarray, k: int) -> np.ndarray:
-    if k <= 0:
-        return np.zeros(0, dtype=np.int64)
-    part = np.argpartition(values, k - 1)[:k] if k < len(values) else np.arange(len(values))
-    return part[np.argsort(values[part], kind="stable")]
-
-
-def epoch_boundaries(store: Store) -> np.ndarray:
-    """Optimizer steps at which an epoch ended: the checkpoint steps of an ``checkpoint_every="epoch"``
-    run; otherwise every ⌈N / batch_size⌉ steps (an estimate: it assumes no ``drop_last``)."""
-    cfg = store.meta.get("config", {})
-    steps = np.asarray(store.checkpoint_steps, dtype=np.float64)
-    if cfg.get("checkpoint_every") == "epoch":
-        return steps[steps > 0]
-    bs = cfg.get("batch_size")
-    if not bs:
-        return np.zeros(0)
-    per_epoch = math.ceil(store.n_train / int(bs))
-    return np.arange(per_epoch, store.steps + 1, per_epoch, dtype=np.float64)
-
-
 def explore(store, model, test_data, train_data, **kwargs) -> Explorer:
     """An interactive explorer of a tracked run (display it as the last expression of a cell).
 
     ``store``: an open :class:`~hydra_nb.Store` or the path of one (the path may not hold a run yet:
     live mode waits for it). ``model``: the architecture queries run (parameters come from the
     store). ``test_data``/``train_data``: ``(inputs, targets)`` tensors, ``(texts, targets)`` with
-    ``encode=``, or torch Datasets of ``(x, y)`` (see ``hydra_nb.widgets.data``). Options: ``k``
+    ``encode=``, or torch Datasets of ``(x, y)`` (see ``hydra_nb.data``). Options: ``k``
     (cards per group, default 10), ``class_names``, ``encode`` (strings → model inputs),
     ``test_display``/``train_display`` (strings to show), ``loss_fn``, ``mode`` ("fast"/"exact").
     """

@@ -1,6 +1,16 @@
-"""Datasets as the explorer and the plots see them: model inputs by index, labels, and a display form.
+"""Data as queries, widgets and plots see it: model inputs, test points, datasets by index, display forms.
 
-Accepted forms (for test and training data alike):
+Model inputs (:class:`ModelInputs`): what the model is called with, for a batch of samples: a tensor
+``x`` (``model(x)``), a tuple of tensors (``model(*xs)``) or a dict of tensors (``model(**kw)``),
+all with the samples on dim 0.
+
+Test points (``as_pair``): model inputs and one target per sample. A training set
+(``dataset_len``, ``dataset_items``): a pair ``(inputs, targets)`` or a torch ``Dataset`` of
+``(x, y)`` items, read by dataset index. The default loss (``default_loss``): per-sample
+cross-entropy of the model's outputs against the targets.
+
+Datasets for the explorer and the plots (:class:`Samples`, ``as_samples``) accept, for test and
+training data alike:
 
 - a pair ``(inputs, targets)`` of tensors or arrays: images (N, 1, H, W), (N, 3, H, W) or (N, H, W);
   feature rows (N, D) (tabular);
@@ -23,6 +33,95 @@ import torch.nn.functional as F
 
 THUMB_MAX = 64  # thumbnails are downsampled to at most this many pixels a side
 TEXT_MAX = 240  # characters of text or a formatted row shown on a card
+
+
+class ModelInputs:
+    """What a model is called with, for a batch of samples: a tensor ``x`` (``model(x)``), a tuple of
+    tensors (``model(*xs)``) or a dict of tensors (``model(**kw)``), all with the samples on dim 0."""
+
+    def __init__(self, value):
+        if isinstance(value, ModelInputs):
+            value = value.value
+        if isinstance(value, dict):
+            self.kind, leaves = "dict", list(value.values())
+        elif isinstance(value, (tuple, list)) and value and all(torch.is_tensor(v) for v in value):
+            self.kind, leaves = "tuple", list(value)
+        else:
+            self.kind, value = "tensor", torch.as_tensor(value)
+            leaves = [value]
+        if not leaves or not all(torch.is_tensor(t) and t.dim() > 0 for t in leaves):
+            raise ValueError("model inputs must be a tensor, a tuple of tensors or a dict of tensors, each with the "
+                             "samples on its first dimension.")
+        n = {t.shape[0] for t in leaves}
+        if len(n) != 1:
+            raise ValueError(f"the tensors of the model inputs disagree on the number of samples: {sorted(n)}.")
+        self.value = value
+        self._n = n.pop()
+
+    def __len__(self) -> int:
+        return self._n
+
+    def map(self, fn) -> "ModelInputs":
+        if self.kind == "dict":
+            return ModelInputs({k: fn(v) for k, v in self.value.items()})
+        if self.kind == "tuple":
+            return ModelInputs(tuple(fn(v) for v in self.value))
+        return ModelInputs(fn(self.value))
+
+    def __getitem__(self, selection) -> "ModelInputs":
+        return self.map(lambda t: t[selection])
+
+    def leaves(self) -> list[torch.Tensor]:
+        return list(self.value.values()) if self.kind == "dict" else list(self.value) if self.kind == "tuple" \
+            else [self.value]
+
+    def rebuild(self, leaves) -> tuple[tuple, dict]:
+        """(args, kwargs) for calling the model with these leaves in place of this batch's tensors."""
+        if self.kind == "dict":
+            return (), dict(zip(self.value.keys(), leaves))
+        if self.kind == "tuple":
+            return tuple(leaves), {}
+        return (leaves[0],), {}
+
+
+def default_loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-sample cross-entropy: the default ``loss_fn`` of tracking and of queries."""
+    return F.cross_entropy(outputs, targets, reduction="none")
+
+
+def as_pair(inputs, targets) -> tuple[ModelInputs, torch.Tensor]:
+    """Test points: model inputs (a tensor, a tuple or a dict of tensors, see ``ModelInputs``) and targets."""
+    inputs, targets = ModelInputs(inputs), torch.as_tensor(targets)
+    if len(inputs) != targets.shape[0]:
+        raise ValueError(f"inputs ({len(inputs)}) and targets ({targets.shape[0]}) differ in length.")
+    return inputs, targets
+
+
+def is_pair(dataset) -> bool:
+    """An (inputs, targets) pair: inputs a tensor, a tuple of tensors or a dict of tensors."""
+    if not (isinstance(dataset, (tuple, list)) and len(dataset) == 2 and hasattr(dataset[1], "shape")):
+        return False
+    try:
+        ModelInputs(dataset[0])
+    except (ValueError, TypeError, RuntimeError):
+        return False
+    return True
+
+
+def dataset_len(dataset) -> int:
+    """Samples in a training set: a pair (inputs, targets) or a torch Dataset of (x, y) items."""
+    return len(ModelInputs(dataset[0])) if is_pair(dataset) else len(dataset)
+
+
+def dataset_items(dataset, ids: np.ndarray) -> tuple[ModelInputs | torch.Tensor, torch.Tensor]:
+    """(inputs, targets) of the samples ``ids`` of a torch Dataset of (x, y) or a pair of tensors."""
+    if is_pair(dataset):
+        idx = torch.from_numpy(np.asarray(ids, dtype=np.int64))
+        return ModelInputs(dataset[0])[idx], torch.as_tensor(dataset[1])[idx]
+    items = [dataset[int(i)] for i in ids]
+    xs = torch.stack([torch.as_tensor(it[0]) for it in items])
+    ys = torch.stack([torch.as_tensor(it[1]) for it in items])
+    return xs, ys
 
 
 def _is_tensorlike(x) -> bool:

@@ -1,0 +1,104 @@
+"""The replay source: exact h for every training sample, by walking the recorded run backward.
+
+    dot:  out[s, c, r] = Σ_{i: col[i] = c} ⟨g_r(θ_{S_s}), dθ_{S_s}/dw_i⟩
+
+computed without ever forming h: for each test vector g_r (at each asked checkpoint s) the adjoint of
+the run is walked back from step S_s (``hydra_nb.replay.walk``), one vector–Jacobian product per
+optimizer step, and each step's product gives the derivative for the samples of its batch. Every
+vector goes through one walk together, whatever N; the walk replays training from the stored
+checkpoints and refuses (``ReplayError``) a run that does not arrive at them. ``docs/replay.md`` has
+the method, what is exact, and what replay cannot cover.
+
+It has no ``self_dot`` (one walk per training sample) and no ``rows`` (one per parameter): those
+stay with the fast source.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..errors import ReplayError
+from ..replay import Replayer, StoreRecording, TrainingData, replay_problem
+from . import HypergradientSource, Progress, TestPoints
+
+
+class ReplaySource(HypergradientSource):
+    """Exact contributions of every training sample of a recorded run (any tracking mode), given ``train_data``.
+
+    ``train_data``: the training set as the tracked loader's dataset indexes it (an ``(inputs, targets)``
+    pair, or a torch Dataset whose items ``collate_fn``, default torch's ``default_collate``, turns into
+    the loader's batches); ``batch_fn(batch) -> (inputs, targets)`` as for ``track``. ``tolerance``: the
+    relative drift allowed when the replay arrives at a checkpoint (default by dtype,
+    ``hydra_nb.replay.DEFAULT_TOLERANCE``).
+    """
+
+    mode = "replay"
+    unavailable_error = ReplayError
+    needs_training_data = True
+
+    def __init__(self, reader, train_data=None, *, tolerance: float | None = None, collate_fn=None, batch_fn=None):
+        super().__init__(reader)
+        self.train_data, self.tolerance = train_data, tolerance
+        self.collate_fn, self.batch_fn = collate_fn, batch_fn
+        self.drift: dict[int, float] = {}  # checkpoint index → relative drift measured by the last walk
+
+    @classmethod
+    def unavailable(cls, reader) -> str | None:
+        problem = replay_problem(reader)
+        if problem is None:
+            return None
+        return (f"The run in {reader.where!r} cannot be replayed: {problem}. Fast mode still answers "
+                "(mode='fast').")
+
+    @property
+    def tracked(self) -> np.ndarray:
+        return np.arange(self.reader.n_train, dtype=np.int64)  # every training sample
+
+    def dot(self, tests: TestPoints, checkpoints, col: np.ndarray, n_cols: int, *, budget: int,
+            progress: Progress | None = None, engine: str = "numpy") -> np.ndarray:
+        col = self.check_col(col, n_cols)
+        stops = self.checkpoint_indices(checkpoints)
+        model = tests.model
+        params = list(model.parameters())
+        device = params[0].device if params else torch.device("cpu")
+        dtype = torch.float64 if np.dtype(self.reader.group["checkpoints/params"].dtype) == np.float64 \
+            else torch.float32
+        data = TrainingData(self.train_data, self.reader.n_train, device=device, dtype=dtype,
+                            collate_fn=self.collate_fn, batch_fn=self.batch_fn)
+        data.check(self.reader.meta.get("replay", {}).get("fingerprint"))
+        recording = StoreRecording(self.reader, model)
+        distinct = sorted(set(stops))
+        top = distinct[-1]
+        steps = int(self.reader.checkpoint_steps[top])
+        if progress is not None:
+            progress.plan(len(distinct) * self.gradient_batches(len(tests)) + 2 * steps)
+        vectors = {c: self._vectors(tests, c, progress) for c in distinct}
+        replayer = Replayer(recording, model, self.reader.optimizer_rule, data, tests.loss_fn, device=device,
+                            dtype=dtype, tolerance=self.tolerance, state_memory=budget // 2, progress=progress)
+        devices = [device] if device.type == "cuda" else []
+        was_training = model.training
+        try:
+            with torch.random.fork_rng(devices=devices):  # replayed dropout leaves the user's generators alone
+                model.train()
+                walked = replayer.walk(vectors, col, n_cols)
+        finally:
+            model.train(was_training)
+            self.drift = dict(replayer.drift)
+        m = tests.n_vectors
+        rows = {c: walked[i * m:(i + 1) * m] for i, c in enumerate(distinct)}
+        out = torch.stack([rows[c].T for c in stops]).numpy()  # (len(checkpoints), n_cols, m)
+        return out.astype(np.float64 if dtype == torch.float64 else np.float32, copy=False)
+
+    def _vectors(self, tests: TestPoints, c: int, progress: Progress | None) -> torch.Tensor:
+        """g_r(θ_c): the test gradients at checkpoint c, summed by ``tests.weights`` if it has them."""
+        parts = []
+        for G in self.gradients(tests, c):
+            parts.append(G)
+            if progress is not None:
+                progress.update()
+        G = torch.cat(parts) if parts else torch.zeros(0, self.reader.layout.size)
+        if tests.weights is not None:
+            G = (tests.weights.to(torch.float64) @ G.to(torch.float64)).to(G.dtype)
+        return G
+
