@@ -71,17 +71,38 @@ class Pass:
     generation: int
     indices: torch.Tensor  # (B,) dataset indices (CPU)
     batch: Any  # the batch as the loader yielded it (targets for exact mode)
-    buf: torch.Tensor | None = None  # (B, dim) projected per-sample gradients
+    buf: torch.Tensor | None = None  # (B, dim) projected per-sample gradients (once ``gather`` has run)
     root_calls: list[RootCall] = field(default_factory=list)
+    parts: list = field(default_factory=list)  # (offset, stop, values) added since, in the order they came
+    dim: int = 0  # length of a row
 
     def add(self, block: Block, values: torch.Tensor, dim: int) -> None:
+        """Add ``values`` (B, block.dim) at the block's columns of a (B, dim) row (kept until ``gather``)."""
+        self.dim = dim
+        self.parts.append((block.offset, block.stop, values))
+
+    def gather(self) -> None:
+        """Sum what was added into ``buf``: one concatenation when the parts tile the row once each (the usual
+        case, one part per parameter block), else zeros and additions in arrival order (as ``buf +=`` would)."""
+        if not self.parts:
+            return
+        parts, self.parts = self.parts, []
+        order = sorted(parts, key=lambda part: part[0])
+        values = [v for _, _, v in order]
+        tiles = all(a == b for (_, a, _), (b, _, _) in zip(order, order[1:])) and order[0][0] == 0 \
+            and order[-1][1] == self.dim and len({(v.dtype, v.device) for v in values}) == 1
+        if self.buf is None and tiles:
+            self.buf = torch.cat(values, dim=1)
+            return
         if self.buf is None:
-            self.buf = torch.zeros(values.shape[0], dim, dtype=values.dtype, device=values.device)
-        self.buf[:, block.offset : block.stop] += values
+            v = parts[0][2]
+            self.buf = torch.zeros(v.shape[0], self.dim, dtype=v.dtype, device=v.device)
+        for a, b, v in parts:
+            self.buf[:, a:b] += v
 
     @property
     def backpropagated(self) -> bool:
-        return self.buf is not None or any(c.output_grad is not None for c in self.root_calls)
+        return self.buf is not None or bool(self.parts) or any(c.output_grad is not None for c in self.root_calls)
 
 
 @dataclass
@@ -401,6 +422,8 @@ class GradientCapture:
                 self._run_batchnorm()
         finally:
             self.fallback_calls.clear()
+        for p in self.passes.values():
+            p.gather()
         passes = [p for _, p in sorted(self.passes.items())
                   if p.buf is not None or (not self.per_sample and p.backpropagated)]
         self.passes.clear()
