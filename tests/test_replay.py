@@ -10,6 +10,8 @@ sample's weight in the wrong batch) is off by more than 1e-3.
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -19,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler, TensorDataset
 
 import hydra_nb
 from hydra_nb.errors import ReplayError
+from hydra_nb.store import read_meta
 from reference import (DT, AdamRun, Run, ce_loss, expected_checkpoints, make_data, make_loader, make_mlp, rel_err,
                        tracked_training, train, unrolled_contributions)
 
@@ -333,6 +336,28 @@ def test_an_interrupted_run_replays_up_to_its_last_checkpoint(tmp_path):
     assert store.steps == 4 and "interrupted" in store.status  # the stop at step 4 is checkpointed
     ref = unrolled_contributions(run, Xt, Yt)["values"][:, -1]
     assert rel_err(replay_exact(store, model, Xt, Yt, X, Y), ref) < EXACT_TOL
+
+
+def test_a_store_still_being_written_answers_for_its_committed_part(tmp_path):
+    X, Y, Xt, Yt = make_data()
+    model = make_mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9)
+    loader = make_loader(X, Y)
+    run = Run(model, opt, X, Y)
+    path = tmp_path / "live.zarr"
+    with hydra_nb.track(model, loader, store=path, optimizer=opt, strict=True):
+        train(model, loader, opt, run, 2)
+        deadline = time.time() + 60
+        while read_meta(path)["committed"]["checkpoints"] < 3 and time.time() < deadline:
+            time.sleep(0.01)  # the writer thread commits the epoch's checkpoint in the background
+        store = hydra_nb.open_store(path)  # opened while the writer still holds the store
+        assert store.status.startswith("running")
+        S = int(store.steps)
+        with pytest.warns(RuntimeWarning, match=f"still being written.*step {S}"):
+            got = replay_exact(store, model, Xt, Yt, X, Y)
+        train(model, loader, opt, run, 1)  # training goes on
+    ref = unrolled_contributions(run, Xt, Yt, stops=[S])["values"][:, 0]
+    assert S == 8 and rel_err(got, ref) < EXACT_TOL
 
 
 def test_replay_leaves_the_users_model_and_random_state_alone(tmp_path):

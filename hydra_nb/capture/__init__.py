@@ -32,6 +32,8 @@ from __future__ import annotations
 import math
 import time
 import weakref
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -272,7 +274,8 @@ class GradientCapture:
 
     # -- hooks ---------------------------------------------------------------------------
     def _capturing(self) -> bool:
-        return not self.suspended and self.failure is None and self.model.training and torch.is_grad_enabled()
+        return (not self.suspended and not _PAUSED.get() and self.failure is None and self.model.training
+                and torch.is_grad_enabled())
 
     def _pass_for(self, batch_size: int) -> Pass | None:
         if self.tap.failure is not None:
@@ -613,6 +616,20 @@ class GradientCapture:
             "use the optimizer's weight_decay instead), or a parameter is used outside the module that owns it. "
             f"Parameters with gradients: {', '.join(names[:8])}{'…' if len(names) > 8 else ''}."
         )
+
+
+_PAUSED: ContextVar[bool] = ContextVar("hydra_nb_capture_paused", default=False)
+
+
+@contextmanager
+def paused():
+    """Forwards inside are hydra_nb's own (a replay query's training-mode forwards of the user's model, say),
+    not training: no capture sees them, even while a run of that model is being tracked."""
+    token = _PAUSED.set(True)
+    try:
+        yield
+    finally:
+        _PAUSED.reset(token)
 
 
 def _rng_states(device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -15,9 +15,12 @@ stay with the fast source.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 
+from ..capture import paused
 from ..errors import ReplayError
 from ..replay import Replayer, StoreRecording, TrainingData, replay_problem
 from . import HypergradientSource, Progress, TestPoints
@@ -59,6 +62,10 @@ class ReplaySource(HypergradientSource):
             progress: Progress | None = None, engine: str = "numpy") -> np.ndarray:
         col = self.check_col(col, n_cols)
         stops = self.checkpoint_indices(checkpoints)
+        if self.reader.status.startswith("running"):
+            warnings.warn(f"The run in {self.reader.where!r} is still being written: replay answers for training "
+                          f"stopped at its last committed checkpoint (step {self.reader.steps}).", RuntimeWarning,
+                          stacklevel=4)
         model = tests.model
         params = list(model.parameters())
         device = params[0].device if params else torch.device("cpu")
@@ -79,7 +86,9 @@ class ReplaySource(HypergradientSource):
         devices = [device] if device.type == "cuda" else []
         was_training = model.training
         try:
-            with torch.random.fork_rng(devices=devices):  # replayed dropout leaves the user's generators alone
+            # replayed dropout leaves the user's generators alone; a run of this model being tracked does not see
+            # the replay's forwards
+            with torch.random.fork_rng(devices=devices), paused():
                 model.train()
                 walked = replayer.walk(vectors, col, n_cols)
         finally:
