@@ -12,8 +12,8 @@ cross-entropy of the model's outputs against the targets.
 Datasets for the explorer and the plots (:class:`Samples`, ``as_samples``) accept, for test and
 training data alike:
 
-- a pair ``(inputs, targets)`` of tensors or arrays: images (N, 1, H, W), (N, 3, H, W) or (N, H, W);
-  feature rows (N, D) (tabular);
+- a pair ``(inputs, targets)`` of tensors, arrays or pandas objects: images (N, 1, H, W), (N, 3, H, W)
+  or (N, H, W); feature rows (N, D) (tabular), named by ``feature_names=`` or a DataFrame's columns;
 - a pair ``(texts, targets)`` where ``texts`` is a sequence of strings; the model's inputs come from
   ``encode(list_of_strings) -> tensor`` (required for queries);
 - a torch ``Dataset`` whose items are ``(x, y)``; ``x`` a tensor (an image (C, H, W)/(H, W) or a
@@ -21,10 +21,15 @@ training data alike:
   exists, else from one pass over the items (only when a view needs all labels).
 
 ``display``: optional strings shown instead of the default (e.g. the raw text of tokenised inputs).
+
+pandas is optional: a ``DataFrame``/``Series`` is accepted wherever a tensor of samples is (queries' inputs
+and targets, the explorer's and the plots' data) and turned into a tensor of its values; nothing here
+imports pandas.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Sequence
 
 import numpy as np
@@ -33,6 +38,50 @@ import torch.nn.functional as F
 
 THUMB_MAX = 64  # thumbnails are downsampled to at most this many pixels a side
 TEXT_MAX = 240  # characters of text or a formatted row shown on a card
+SALIENT = 4  # named features a tabular card lists first (the most unusual values of the row)
+_STATS_ROWS = 20_000  # rows the feature statistics (what is unusual) are estimated from
+
+
+def is_pandas(value) -> bool:
+    """A pandas DataFrame or Series (or Index), recognised without importing pandas."""
+    return type(value).__module__.split(".")[0] == "pandas" and hasattr(value, "to_numpy")
+
+
+def from_pandas(value, what: str = "data"):
+    """A tensor of a DataFrame's/Series' values (anything else unchanged); non-numeric columns are refused."""
+    if not is_pandas(value):
+        return value
+    array = value.to_numpy(copy=True)  # pandas may hand out a read-only view; a tensor wants its own memory
+    if array.dtype == object or array.dtype.kind not in "biuf":
+        columns = getattr(value, "columns", None)
+        bad = [str(c) for c in columns if value[c].dtype.kind not in "biuf"] if columns is not None else []
+        which = f" (columns {', '.join(bad[:5])}{', …' if len(bad) > 5 else ''})" if bad else ""
+        raise ValueError(f"{what}: the pandas values are not numeric{which}. Encode them as numbers first "
+                         "(e.g. pandas.get_dummies for categories, Series.cat.codes for class labels).")
+    return torch.as_tensor(array)
+
+
+def feature_names_of(value) -> list[str] | None:
+    """A DataFrame's column names, as strings (None for anything else)."""
+    columns = getattr(value, "columns", None) if is_pandas(value) else None
+    return None if columns is None else [str(c) for c in columns]
+
+
+def short_number(v: float) -> str:
+    """A feature value in a few characters, as the explorer writes it (js/src/format.js ``num``): 17.99 → 18,
+    0.1184 → 0.118, 1001.5 → 1002, 3.0 → 3, 123456.7 → 1.2e+5."""
+    v = float(v)
+    if not math.isfinite(v):
+        return str(v)
+    a = abs(v)
+    if v == int(v) and a < 1e5:
+        return str(int(v))
+    if a >= 1e5 or a < 1e-3:
+        mantissa, exponent = f"{v:.1e}".split("e")
+        return f"{mantissa}e{'-' if exponent.startswith('-') else '+'}{int(exponent.lstrip('+-'))}"
+    if a >= 100:
+        return str(math.floor(v + 0.5))  # as JavaScript's Math.round (Python's round() rounds half to even)
+    return f"{v:.3g}"
 
 
 class ModelInputs:
@@ -42,6 +91,7 @@ class ModelInputs:
     def __init__(self, value):
         if isinstance(value, ModelInputs):
             value = value.value
+        value = from_pandas(value, "inputs")
         if isinstance(value, dict):
             self.kind, leaves = "dict", list(value.values())
         elif isinstance(value, (tuple, list)) and value and all(torch.is_tensor(v) for v in value):
@@ -91,10 +141,107 @@ def default_loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 def as_pair(inputs, targets) -> tuple[ModelInputs, torch.Tensor]:
     """Test points: model inputs (a tensor, a tuple or a dict of tensors, see ``ModelInputs``) and targets."""
-    inputs, targets = ModelInputs(inputs), torch.as_tensor(targets)
+    inputs, targets = ModelInputs(inputs), torch.as_tensor(from_pandas(targets, "targets"))
+    single = ("; a single sample needs its batch dimension: pass x[None] (or x.reshape(1, -1)) and [y]"
+              if inputs.kind == "tensor" and inputs.value.ndim == 1 and targets.numel() == 1 else "")
+    if targets.ndim == 0:
+        raise ValueError(f"targets is one value ({targets.item()!r}); queries take one target per test point, "
+                         f"shape (n,){single or ': pass [y] (or y[None]) for a single sample'}.")
     if len(inputs) != targets.shape[0]:
-        raise ValueError(f"inputs ({len(inputs)}) and targets ({targets.shape[0]}) differ in length.")
+        raise ValueError(f"inputs ({len(inputs)}) and targets ({targets.shape[0]}) differ in length{single}.")
     return inputs, targets
+
+
+def check_points(model, inputs: ModelInputs, targets: torch.Tensor, loss_fn, what: str = "test points") -> None:
+    """Run ``model`` and ``loss_fn`` on the first of these points, before any work, and turn a failure into a
+    ``ValueError`` that says what the model expects (its first layer's input, class-index targets).
+
+    Eval mode and no gradients, as queries run it; the model's parameters and modes are left as they were.
+    Float inputs are cast to the model's dtype and moved to its device, as queries do.
+    """
+    if len(inputs) == 0:
+        return
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else None
+    dtype = param.dtype if param is not None and param.is_floating_point() else None
+    one = inputs[:1].map(lambda t: t.to(device=device, dtype=dtype if t.is_floating_point() else None))
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad():
+            args, kwargs = one.rebuild(one.leaves())
+            try:
+                out = model(*args, **kwargs)
+            except Exception as exc:
+                raise ValueError(_forward_problem(model, inputs, exc, what)) from exc
+            try:
+                loss_fn(out, targets[:1].to(device))
+            except Exception as exc:
+                raise ValueError(_loss_problem(targets, loss_fn, exc, what)) from exc
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+def _first_layer(model):
+    """The first module (in definition order) that holds parameters of its own."""
+    for m in model.modules():
+        if any(True for _ in m.parameters(recurse=False)):
+            return m
+    return None
+
+
+def _forward_problem(model, inputs: ModelInputs, exc: Exception, what: str) -> str:
+    shapes = ", ".join(str(tuple(t.shape)) for t in inputs.leaves())
+    head = (f"The model cannot run on these {what} (inputs of shape {shapes}): model(inputs[:1]) raised "
+            f"{type(exc).__name__}: {exc}.")
+    layer = _first_layer(model)
+    x = inputs.leaves()[0]
+    if isinstance(layer, torch.nn.Linear):
+        have = f"; these have {x.shape[-1]}" if x.shape[-1] != layer.in_features else ""
+        return (f"{head} Its first layer, Linear({layer.in_features} → {layer.out_features}), takes "
+                f"{layer.in_features} features per sample, inputs of shape (n, {layer.in_features}){have}. Pass the "
+                "feature columns the model was trained on, in the same order.")
+    if isinstance(layer, torch.nn.modules.conv._ConvNd):
+        dims = len(layer.kernel_size)
+        space = ", ".join("HWD"[:dims]) if dims > 1 else "L"
+        return (f"{head} Its first layer, {type(layer).__name__}({layer.in_channels} → {layer.out_channels}), takes "
+                f"inputs of shape (n, {layer.in_channels}, {space}): samples on the first dimension, then channels.")
+    if isinstance(layer, torch.nn.Embedding):
+        return (f"{head} Its first layer, Embedding({layer.num_embeddings}, {layer.embedding_dim}), takes integer "
+                f"token ids in [0, {layer.num_embeddings}).")
+    return f"{head} Pass inputs shaped like one batch of the training loop (samples on the first dimension)."
+
+
+def _loss_problem(targets: torch.Tensor, loss_fn, exc: Exception, what: str) -> str:
+    head = (f"The loss cannot be computed for these {what}: loss_fn(model(inputs[:1]), targets[:1]) raised "
+            f"{type(exc).__name__}: {exc}.")
+    if loss_fn is default_loss and targets.is_floating_point() and targets.ndim == 1:
+        return (f"{head} The targets are {str(targets.dtype).replace('torch.', '')}; the default loss (cross-entropy) "
+                "takes class indices, as integers: pass targets.long() (or the loss_fn=... the run was tracked with).")
+    return (f"{head} The targets ({str(targets.dtype).replace('torch.', '')}, shape {tuple(targets.shape)}) must be "
+            "what the training loop's loss took, and loss_fn the per-sample loss the run was tracked with.")
+
+
+def as_model_input(model, x):
+    """Float inputs in the model's dtype (a float64 DataFrame for a float32 model), as queries cast them."""
+    param = next(model.parameters(), None)
+    if param is None or not torch.is_tensor(x) or not x.is_floating_point() or not param.is_floating_point():
+        return x
+    return x.to(dtype=param.dtype)
+
+
+def predicted_classes(model, x, batch: int = 512) -> np.ndarray:
+    """The class ``model`` predicts for each input (argmax of its outputs; -1 where they are no class scores),
+    in eval mode and without gradients (the caller gives the model its checkpoint's parameters and mode)."""
+    n = len(ModelInputs(x)) if not torch.is_tensor(x) else len(x)
+    out = np.full(n, -1, dtype=np.int64)
+    with torch.no_grad():
+        for a in range(0, n, batch):
+            logits = model(as_model_input(model, x[a:a + batch]))
+            if logits.ndim == 2 and logits.shape[1] > 1:
+                out[a:a + batch] = logits.argmax(1).cpu().numpy()
+    return out
 
 
 def is_pair(dataset) -> bool:
@@ -114,10 +261,10 @@ def dataset_len(dataset) -> int:
 
 
 def dataset_items(dataset, ids: np.ndarray) -> tuple[ModelInputs | torch.Tensor, torch.Tensor]:
-    """(inputs, targets) of the samples ``ids`` of a torch Dataset of (x, y) or a pair of tensors."""
+    """(inputs, targets) of the samples ``ids`` of a torch Dataset of (x, y) or a pair of tensors (or pandas objects)."""
     if is_pair(dataset):
         idx = torch.from_numpy(np.asarray(ids, dtype=np.int64))
-        return ModelInputs(dataset[0])[idx], torch.as_tensor(dataset[1])[idx]
+        return ModelInputs(dataset[0])[idx], torch.as_tensor(from_pandas(dataset[1], "targets"))[idx]
     items = [dataset[int(i)] for i in ids]
     xs = torch.stack([torch.as_tensor(it[0]) for it in items])
     ys = torch.stack([torch.as_tensor(it[1]) for it in items])
@@ -133,15 +280,24 @@ def _is_strings(x) -> bool:
 
 
 class Samples:
-    """One dataset: ``batch(ids)`` gives model inputs/targets, ``labels`` the classes, ``view(ids)`` the display."""
+    """One dataset: ``batch(ids)`` gives model inputs/targets, ``labels`` the classes, ``view(ids)`` the display.
+
+    Feature rows (``kind == "tabular"``) are named by ``feature_names`` (or a DataFrame's columns; else
+    ``x0, x1, …``); a row reads best by its most unusual values (``salient``: largest |z-score| against
+    ``feature_stats``, the dataset's own column means and standard deviations unless given).
+    """
 
     def __init__(self, data, *, encode: Callable | None = None, display: Sequence[str] | None = None,
-                 name: str = "data"):
+                 feature_names: Sequence[str] | None = None, name: str = "data"):
         self.name, self.encode = name, encode
         self._labels: np.ndarray | None = None
         self._x = self._y = self._texts = self._dataset = None
+        self._stats = None
+        names = None
         if isinstance(data, (tuple, list)) and len(data) == 2 and (_is_tensorlike(data[0]) or _is_strings(data[0])):
             x, y = data
+            names = feature_names_of(x)
+            x, y = from_pandas(x, f"{name} inputs"), from_pandas(y, f"{name} targets")
             self._y = torch.as_tensor(np.asarray(y) if not torch.is_tensor(y) else y)
             if _is_strings(x):
                 self._texts = list(x)
@@ -171,6 +327,15 @@ class Samples:
             self._needs_encode = True
         else:
             self._needs_encode = False
+        self.feature_names = None
+        if self.kind == "tabular" and first is not None:
+            width = int(torch.as_tensor(first).numel())
+            names = list(feature_names) if feature_names is not None else names
+            if names is not None and len(names) != width:
+                raise ValueError(f"{name}: {len(names)} feature names for rows of {width} features.")
+            self.feature_names = [str(c) for c in names] if names is not None else [f"x{i}" for i in range(width)]
+        elif feature_names is not None:
+            raise ValueError(f"{name}: feature_names are for feature rows (N, D); these samples are {self.kind}s.")
 
     # -- what it is -------------------------------------------------------------------------
     def _kind(self, first) -> str:
@@ -256,28 +421,73 @@ class Samples:
         x = ((x - lo) / torch.clamp(hi - lo, min=1e-12) * 255).round().clamp(0, 255).to(torch.uint8)
         return x.permute(0, 2, 3, 1).contiguous().numpy()
 
+    def features(self, ids) -> np.ndarray:
+        """float64 (n, D): the feature rows ``ids`` (tabular samples)."""
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        xs, _ = self._raw(ids)
+        rows = [torch.as_tensor(x).reshape(-1) for x in xs] if isinstance(xs, list) else list(xs.reshape(len(ids), -1))
+        width = len(self.feature_names or ())
+        if not rows:
+            return np.zeros((0, width))
+        return torch.stack(rows).detach().to("cpu", torch.float64).numpy()
+
+    def feature_stats(self) -> tuple[np.ndarray, np.ndarray]:
+        """(mean, std) of each feature over the dataset (over an even sample of at most 20,000 rows), cached."""
+        if self._stats is None:
+            ids = np.linspace(0, self.n - 1, min(self.n, _STATS_ROWS)).round().astype(np.int64) if self.n else []
+            rows = self.features(np.unique(ids))
+            self._stats = (rows.mean(0), rows.std(0)) if len(rows) else (np.zeros(0), np.zeros(0))
+        return self._stats
+
+    def salient(self, ids, k: int = SALIENT, stats=None) -> tuple[np.ndarray, np.ndarray]:
+        """(order (n, k) int64, z (n, k)): per row, its ``k`` features with the largest |z-score| (ties: column
+        order), against ``stats`` = (mean, std) (default: ``feature_stats``); constant features score 0."""
+        rows = self.features(ids)
+        mean, std = stats if stats is not None else self.feature_stats()
+        with np.errstate(invalid="ignore", divide="ignore"):
+            z = np.where(std > 0, (rows - mean) / np.where(std > 0, std, 1.0), 0.0)
+        k = min(int(k), rows.shape[1])
+        order = np.argsort(-np.abs(z), axis=1, kind="stable")[:, :k]
+        return order, np.take_along_axis(z, order, axis=1)
+
+    def row_texts(self, ids, max_chars: int = TEXT_MAX, stats=None) -> list[str]:
+        """Feature rows as "name value" items, the most unusual first, whole items only (never cut in a number)."""
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        rows = self.features(ids)
+        order, _ = self.salient(ids, rows.shape[1], stats)
+        out = []
+        for row, cols in zip(rows, order):
+            items, used = [], 0
+            for c in cols:
+                item = f"{self.feature_names[c]} {short_number(row[c])}"
+                if items and used + len(item) + 2 > max_chars - 2:
+                    items.append("…")
+                    break
+                items.append(item)
+                used += len(item) + 2
+            out.append(", ".join(items))
+        return out
+
     def texts(self, ids) -> list[str]:
-        """Short strings: the text itself, or the formatted feature row."""
+        """Short strings: the text itself, or the feature row as named items, the most unusual first."""
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
         if self.display is not None:
             out = [self.display[int(i)] for i in ids]
+        elif self.kind == "tabular":
+            return self.row_texts(ids)
         else:
             xs, _ = self._raw(ids)
-            out = []
-            for x in xs:
-                if isinstance(x, str):
-                    out.append(x)
-                else:
-                    row = torch.as_tensor(x).reshape(-1).tolist()
-                    shown = ", ".join(f"{v:.3g}" if isinstance(v, float) else str(v) for v in row[:12])
-                    out.append("[" + shown + (", …" if len(row) > 12 else "") + f"]  ({len(row)} features)"
-                               if len(row) > 12 else "[" + shown + "]")
+            out = [x if isinstance(x, str) else str(x) for x in xs]
         return [s if len(s) <= TEXT_MAX else s[:TEXT_MAX - 1] + "…" for s in out]
 
-    def view(self, ids) -> dict:
-        """What a card shows: ``{"thumbs": uint8 (n, H, W, C)}`` for images, ``{"texts": [...]}`` otherwise."""
+    def view(self, ids, stats=None) -> dict:
+        """What a card shows: ``{"thumbs": uint8 (n, H, W, C)}`` for images; for feature rows ``{"features":
+        float64 (n, D), "salient": (n, k) column order, "z": (n, k)}`` (``salient``); ``{"texts": [...]}`` otherwise."""
         if self.kind == "image":
             return {"thumbs": self.thumbnails(ids)}
+        if self.kind == "tabular" and self.display is None:
+            order, z = self.salient(ids, SALIENT, stats)
+            return {"features": self.features(ids), "salient": order, "z": z}
         return {"texts": self.texts(ids)}
 
 
@@ -297,3 +507,12 @@ class _EncodedItems:
 
 def as_samples(data, name: str, **kwargs) -> Samples:
     return data if isinstance(data, Samples) else Samples(data, name=name, **kwargs)
+
+
+def feature_stats_for(*samples: Samples):
+    """The (mean, std) the rows of several datasets are compared against: the first tabular one's (the training
+    set's, so that a test row's unusual values are unusual for the training data), or None."""
+    for s in samples:
+        if s.kind == "tabular" and s.display is None:
+            return s.feature_stats()
+    return None

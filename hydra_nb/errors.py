@@ -18,6 +18,11 @@ class TrackingConfigError(HydraError, ValueError):
     """
 
 
+class StoreOccupied(TrackingConfigError):
+    """The store path holds another run, and the options say neither to replace it (``overwrite``) nor to continue
+    it (``resume``); the message says which run and how to choose."""
+
+
 class TrackingFailure(HydraError, RuntimeError):
     """Tracking could not continue in the middle of training.
 

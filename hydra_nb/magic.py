@@ -19,9 +19,17 @@ Contract:
   fails (``nbclient``/"run all" stop), and the engine leaves the store consistent. A
   ``KeyboardInterrupt`` stops training and tracking and says where the store stands.
 - ``model``, ``loader`` and ``optimizer`` come from the namespace: named with ``--model`` /
-  ``--loader`` / ``--optimizer``, or found when exactly one candidate exists.
-- Configuration problems (an ambiguous or missing name, a run already in ``--store``, options the
-  engine refuses) are ``UsageError``s raised before the cell body runs: the cell fails, untouched.
+  ``--loader`` / ``--optimizer``, or found when exactly one candidate exists among the names the
+  cell itself uses (its AST), else in the whole namespace.
+- Re-running a cell replaces its own run: the store records the cell that made it (its Jupyter cell
+  id and the notebook's path where the kernel knows them, and a hash of its source; see
+  ``hydra_nb.store.same_cell``), so the same cell run again (in this kernel, or the whole notebook
+  in a new one: Run All, nbconvert, nbclient) replaces that run and prints a line saying so. A run
+  that failed before its first step is replaced too. Any other run is refused (``--overwrite``
+  replaces it, ``--resume`` continues it).
+- Configuration problems (an ambiguous or missing name, a misspelled flag, another run in ``--store``,
+  options the engine refuses) are ``UsageError``s raised before the cell body runs: the cell fails,
+  untouched.
 - When the cell ends (even by an error) the store is opened, its summary printed and bound to
   ``--as NAME`` (default ``hydra_store``). ``%hydra_status`` prints the current or last store.
 """
@@ -31,6 +39,8 @@ from __future__ import annotations
 import argparse
 import ast
 import difflib
+import hashlib
+import re
 import time
 from dataclasses import fields
 from pathlib import Path
@@ -42,10 +52,12 @@ from torch import nn
 from torch.optim import Optimizer
 from torch.utils.data import DataLoader
 
-from .errors import HydraError, TrackingConfigError
+from .errors import HydraError, StoreOccupied, TrackingConfigError
 from .options import OptionError, TrackOptions
+from .projection import FULL_FRACTION
 from .query import open_store
-from .store import read_meta
+from .sources import PROGRESS_DELAY_S
+from .store import describe_run, read_meta
 from .tracker import Tracker, track
 from .units import format_bytes
 
@@ -129,6 +141,12 @@ class HydraMagics(Magics):
         super().__init__(shell)
         self._tracker: Tracker | None = None   # the run in progress
         self._last: tuple[Path, object] | None = None   # (path, loss_fn) of the last run
+        self._cell_id: str | None = None   # the Jupyter cell id of the cell running now, where the front end sent one
+        if shell is not None:
+            shell.events.register("pre_run_cell", self._remember_cell)
+
+    def _remember_cell(self, info) -> None:
+        self._cell_id = getattr(info, "cell_id", None) or None
 
     # -- %%hydra_track ------------------------------------------------------------------------
     @magic_arguments.magic_arguments()
@@ -150,12 +168,12 @@ class HydraMagics(Magics):
     def hydra_track(self, line, cell):
         """Run the cell's training loop under ``hydra_nb.track``."""
         __tracebackhide__ = True  # noqa: F841  (IPython hides this frame; the user's lines remain)
-        args = magic_arguments.parse_argstring(self.hydra_track, line)
+        args = _parse(self.hydra_track, line)
         for option in ("store", "model", "loader", "optimizer", "exact_indices", "loss"):
             setattr(args, option, _unquote(getattr(args, option)))
         # compile first: a syntax error must not create or touch a store
-        codes = self._compile(line, cell)
-        found = self._resolve_roles(args)
+        codes, used = self._compile(line, cell)
+        found = self._resolve_roles(args, used)
         loss_fn = self._lookup(args.loss, "--loss") if args.loss else None
         exact_indices = self._evaluate(args.exact_indices, "--exact-indices") if args.exact_indices else None
 
@@ -163,7 +181,8 @@ class HydraMagics(Magics):
         options = {name: getattr(args, name) for name in _OPTION_FLAGS}
         try:  # every option's value is checked by TrackOptions, inside track
             tracker = track(found["model"], found["loader"], Path(args.store).expanduser(), found["optimizer"],
-                            exact_indices=exact_indices, loss_fn=loss_fn, on_step=progress.on_step, **options)
+                            exact_indices=exact_indices, loss_fn=loss_fn, on_step=progress.on_step,
+                            origin=self._origin(line, cell), **options)
         except OptionError as exc:
             raise UsageError(exc.spelled(_flag_of)) from None
         except TrackingConfigError as exc:
@@ -175,11 +194,18 @@ class HydraMagics(Magics):
                 entered = True
                 self._tracker = tracker
                 self._last = (tracker.path, loss_fn)
+                if tracker.replaced:
+                    print(f"hydra_nb: {tracker.replaced}", flush=True)
+                if args.projection_dim is not None and tracker.log_projector.is_identity:
+                    print(f"hydra_nb: --dim {args.projection_dim} is at least {FULL_FRACTION:.0%} of the model's "
+                          f"{tracker.layout.size:,} parameters: storing full-dimensional rows instead (no projection "
+                          "noise; a sketch would save at most a quarter of the store).", flush=True)
                 progress.start(tracker)
                 self._execute(codes)
         except TrackingConfigError as exc:
             if not entered:
-                raise UsageError(self._explain_refusal(exc, tracker.path, args)) from None
+                message = self._explain_refusal(exc, tracker.path) if isinstance(exc, StoreOccupied) else str(exc)
+                raise UsageError(message) from None
             outcome = exc
             raise
         except BaseException as exc:
@@ -191,8 +217,9 @@ class HydraMagics(Magics):
             if entered:
                 self._report(tracker, args, loss_fn, outcome)
 
-    def _compile(self, line: str, cell: str) -> list:
-        """Code objects of the cell body: the statements, then (as a cell would) the displayed expression(s).
+    def _compile(self, line: str, cell: str) -> tuple[list, list[str]]:
+        """Code objects of the cell body (the statements, then, as a cell would, the displayed expression(s)),
+        and the names the body reads, in order of first use (where auto-detection looks first).
 
         The text cached for tracebacks starts with the magic line, so line numbers are the cell's.
         """
@@ -203,7 +230,9 @@ class HydraMagics(Magics):
         tree = shell.compile.ast_parse("\n" + source, filename=filename)
         tree = shell.transform_ast(tree)
         if tree is None:
-            return []
+            return [], []
+        used = list(dict.fromkeys(node.id for node in ast.walk(tree)
+                                  if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load)))
         body = list(tree.body)
         interactivity = shell.ast_node_interactivity
         if interactivity == "none" or not body:
@@ -221,7 +250,15 @@ class HydraMagics(Magics):
             mode = "single" if isinstance(node, ast.Expr) else "exec"
             mod = ast.Interactive([node]) if mode == "single" else ast.Module([node], type_ignores=[])
             codes.append(shell.compile(mod, filename, mode))
-        return codes
+        return codes, used
+
+    def _origin(self, line: str, cell: str) -> dict:
+        """The cell this run comes from, as the store keeps it (``hydra_nb.store.same_cell`` compares two)."""
+        ns = self.shell.user_ns
+        notebook = ns.get("__session__") or ns.get("__vsc_ipynb_file__")  # ipykernel under Jupyter; VS Code
+        source = f"%%hydra_track {line.strip()}\n{cell.rstrip()}"
+        return {"notebook": str(notebook) if notebook else None, "cell_id": self._cell_id,
+                "source_sha256": hashlib.sha256(source.encode()).hexdigest()}
 
     def _execute(self, codes: list) -> None:
         __tracebackhide__ = True  # noqa: F841
@@ -237,8 +274,9 @@ class HydraMagics(Magics):
                 continue
             yield name, value
 
-    def _resolve_roles(self, args) -> dict:
-        """model, loader and optimizer: the named ones, else the only candidate in the namespace."""
+    def _resolve_roles(self, args, used: list[str]) -> dict:
+        """model, loader and optimizer: the named ones, else the only candidate among the names the cell uses,
+        else the only candidate in the namespace."""
         found, problems = {}, []
         for role, cls, type_name, flag, keep, what in _ROLES:
             name = getattr(args, role)
@@ -249,18 +287,27 @@ class HydraMagics(Magics):
                         raise UsageError(f"{flag} {name}: {name} is a {type(value).__name__}, not a {type_name}.")
                     found[role] = value
                 else:
-                    found[role] = self._detect(cls, what, flag, keep)
+                    found[role] = self._detect(cls, what, flag, keep, used)
             except UsageError as exc:
                 problems.append(str(exc))
         if problems:
             raise UsageError("\n".join(problems))
         return found
 
-    def _detect(self, cls, what: str, flag: str, keep):
-        groups: dict[int, tuple[object, list[str]]] = {}
-        for name, value in self._public_names():
-            if isinstance(value, cls) and keep(value):
-                groups.setdefault(id(value), (value, []))[1].append(name)
+    def _detect(self, cls, what: str, flag: str, keep, used: list[str]):
+        def candidates(names):
+            groups: dict[int, tuple[object, list[str]]] = {}
+            for name, value in names:
+                if isinstance(value, cls) and keep(value):
+                    groups.setdefault(id(value), (value, []))[1].append(name)
+            return groups
+
+        public = dict(self._public_names())
+        in_cell = candidates((name, public[name]) for name in used if name in public)
+        if len(in_cell) == 1:
+            return next(iter(in_cell.values()))[0]
+        where = "the names this cell uses" if in_cell else "the namespace"
+        groups = in_cell or candidates(public.items())
         if len(groups) == 1:
             return next(iter(groups.values()))[0]
         if not groups:
@@ -269,7 +316,7 @@ class HydraMagics(Magics):
         labels = [names[0] + (f" (also {', '.join(names[1:])})" if len(names) > 1 else "")
                   for _, names in groups.values()]
         first = next(iter(groups.values()))[1][0]
-        raise UsageError(f"{len(groups)} candidates for the {what} in the namespace: {', '.join(labels)}. "
+        raise UsageError(f"{len(groups)} candidates for the {what} in {where}: {', '.join(labels)}. "
                          f"Pick one with {flag} NAME, e.g. {flag} {first}.")
 
     def _lookup(self, expr: str, flag: str):
@@ -298,15 +345,14 @@ class HydraMagics(Magics):
                              f"{type(exc).__name__}: {exc}") from None
 
     # -- messages -----------------------------------------------------------------------------
-    def _explain_refusal(self, exc: TrackingConfigError, path: Path, args) -> str:
+    def _explain_refusal(self, exc: StoreOccupied, path: Path) -> str:
         """Say how to choose when the engine refuses to clobber an earlier run (magic flag spelling)."""
         meta = read_meta(path) if path.is_dir() else None
-        if meta is None or args.overwrite:
+        if meta is None:
             return str(exc)
-        resume = "--resume to continue it"
-        return (f"{str(path)!r} already holds a hydra_nb run ({meta.get('mode')} mode, "
-                f"{meta.get('committed', {}).get('steps', 0)} steps, {meta.get('status', 'unknown')}); the cell did "
-                f"not run. Rerun it with --overwrite to replace that run, {resume}, or choose another --store.")
+        made = _made_by(meta.get("origin"))
+        return (f"{str(path)!r} already holds a hydra_nb run ({describe_run(meta)}){made}; the cell did not run. "
+                "Rerun it with --overwrite to replace that run, --resume to continue it, or choose another --store.")
 
     def _report(self, tracker: Tracker, args, loss_fn, exc: BaseException | None) -> None:
         """After the cell: print the store's summary and bind it; on an error, say where the store stands."""
@@ -355,6 +401,32 @@ class HydraMagics(Magics):
             print(f"hydra_nb: no exact answers by replay: this run {store.replay_status}.")
 
 
+def _made_by(origin: dict | None) -> str:
+    """", made by another cell of notebook.ipynb": where an earlier run came from, for the refusal."""
+    if not origin:
+        return ", made outside %%hydra_track"
+    notebook = origin.get("notebook")
+    return ", made by another cell" + (f" of {notebook}" if notebook else "")
+
+
+def _parse(magic, line: str):
+    """The magic's arguments; an unknown flag gets the closest known ones ("did you mean --dim?")."""
+    try:
+        return magic_arguments.parse_argstring(magic, line)
+    except UsageError as exc:
+        message = str(exc)
+        if "unrecognized arguments" not in message:
+            raise
+        known = [s for s in magic.parser._option_string_actions if s.startswith("--")]
+        hints = []
+        for flag in re.findall(r"(?<!\S)(--?[\w-]+)", message.split("unrecognized arguments:", 1)[1]):
+            close = difflib.get_close_matches(flag if flag.startswith("--") else "-" + flag, known, n=2, cutoff=0.6)
+            if close:
+                hints.append(f"{flag}: did you mean {' or '.join(close)}?")
+        raise UsageError(message + ("\n" + "\n".join(hints) if hints else "") +
+                         "\nSee %%hydra_track? for every flag.") from None
+
+
 def _describe(tracker: Tracker, samples: int | None = None, steps: bool = True) -> str:
     """Steps, samples/s, tracking overhead so far and bytes written."""
     stats = tracker.stats
@@ -391,7 +463,9 @@ class _Progress:
         except ImportError:  # pragma: no cover - tqdm is a dependency; keep a display anyway
             self.bar = _TextBar(str(tracker.path))
         else:
-            self.bar = tqdm(desc=f"hydra_track {tracker.path.name}", unit="step", leave=True)
+            # the bar waits about a second (a quick cell shows none); in a notebook its text wraps (_notebook_bar)
+            self.bar = _notebook_bar(tqdm)(desc=f"hydra_track {tracker.path.name}", unit="step", leave=True,
+                                           delay=PROGRESS_DELAY_S)
         self.last = time.perf_counter()
 
     def on_step(self, tracker: Tracker) -> None:
@@ -422,6 +496,41 @@ class _Progress:
         finally:
             self.bar.close()
             self.bar = None
+
+
+def _notebook_bar(tqdm):
+    """``tqdm`` itself in a terminal; in a notebook, its widget bar with a text that wraps instead of being cut.
+
+    tqdm's notebook bar is an HBox (description, bar, text) of one widget line: its text is written with
+    non-breaking spaces, so a long postfix (samples/s, overhead, bytes written) ran past the output area's
+    edge and was lost in narrow JupyterLab cells. Here the text keeps ordinary spaces, may take a line of its
+    own below the bar, and wraps there.
+    """
+    try:
+        from tqdm.notebook import tqdm as notebook_tqdm
+    except ImportError:  # pragma: no cover - no ipywidgets: tqdm.auto gave the terminal bar
+        return tqdm
+    if not issubclass(tqdm, notebook_tqdm):
+        return tqdm
+
+    class WrappingBar(tqdm):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            container = getattr(self, "container", None)
+            if container is not None:
+                container.layout.flex_flow = "row wrap"
+                text = container.children[-1]
+                text.layout.width, text.layout.max_width, text.layout.height = "auto", "100%", "auto"
+
+        def display(self, *args, **kwargs):
+            shown = super().display(*args, **kwargs)
+            container = getattr(self, "container", None)
+            if container is not None:
+                text = container.children[-1]
+                text.value = text.value.replace("\u2007", " ")
+            return shown
+
+    return WrappingBar
 
 
 class _TextBar:

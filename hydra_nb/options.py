@@ -132,6 +132,10 @@ class TrackOptions:
         "help": "BatchNorm in training mode: batch-coupled per-sample gradients (exact, the default), or with the "
                 "batch statistics held fixed (cheaper at large batches, approximate). See docs/batchnorm.md.",
         "resume": "it used batchnorm={stored!r}, this is {current!r}"})
+    origin: dict | None = field(default=None, metadata={
+        "help": "Where the run comes from, kept in the store as its 'origin': %%hydra_track passes its cell "
+                "({'notebook', 'cell_id', 'source_sha256'}); the same cell run again replaces its own run "
+                "without overwrite=True (hydra_nb.store.same_cell)."})
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -159,6 +163,8 @@ class TrackOptions:
             raise OptionError(lambda n: f"{n('hvp_method')} must be one of {HVP_METHODS}, got {self.hvp_method!r}.")
         if self.on_step is not None and not callable(self.on_step):
             raise OptionError(lambda n: f"{n('on_step')} must be a callable taking the Tracker.")
+        if self.origin is not None and not isinstance(self.origin, dict):
+            raise OptionError(lambda n: f"{n('origin')} must be a dict (notebook, cell_id, source_sha256) or None.")
         if self.batch_fn is not None and not callable(self.batch_fn):
             raise OptionError(lambda n: f"{n('batch_fn')} must be a callable: loader batch -> (inputs, targets).")
         for switch in _SWITCHES:

@@ -166,6 +166,14 @@ def _smooth_below(n: int) -> int:
     return 1
 
 
+FULL_FRACTION = 0.75
+
+
+def keeps_full(n_params: int, projection_dim: int | None) -> bool:
+    """Whether ``Projector.plan`` keeps the full parameter dimension for ``projection_dim`` (None: always)."""
+    return projection_dim is None or projection_dim >= FULL_FRACTION * n_params
+
+
 class Projector:
     """One ``Block`` per tracked parameter; ``dim`` is the length of a projected vector."""
 
@@ -179,8 +187,13 @@ class Projector:
 
     @classmethod
     def plan(cls, layout: ParamLayout, projection_dim: int | None, seed: int = 0, dtype=torch.float32) -> "Projector":
-        """Blocks for ``projection_dim`` total dimensions (None: the full parameter dimension)."""
-        if projection_dim is None or projection_dim >= layout.size:
+        """Blocks for ``projection_dim`` total dimensions (None: the full parameter dimension).
+
+        A ``projection_dim`` of at least ``FULL_FRACTION`` of the parameter count also gives the full dimension
+        (``keeps_full``): such a sketch would save at most a quarter of the store (its blocks are rounded down to
+        FFT-friendly sizes, so 1,024 of 1,058 parameters gave k = 998) and make every score approximate.
+        """
+        if keeps_full(layout.size, projection_dim):
             dims = [s.numel for s in layout.slots]
         else:
             dims = _allocate(layout, int(projection_dim))

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .data import as_pair, default_loss
+from .data import as_pair, check_points, default_loss
 from .replay import replay_problem
 from .sources import (DEFAULT_MEMORY_BUDGET, SOURCES, HypergradientSource, Progress, TestPoints, positions,
                       test_gradients)
@@ -215,8 +215,8 @@ class Store:
 
     It holds a :class:`~hydra_nb.store.StoreReader` (``reader``: metadata and raw arrays, up to what
     was committed) and one hypergradient source per mode asked for (:meth:`source`). Every query
-    takes ``mode`` (None: the store's own), ``progress`` (None: a tqdm bar when the work has more
-    than a few chunks; False: silent; True: always a bar; a callable ``progress(done, total)``
+    takes ``mode`` (None: the store's own), ``progress`` (None: a tqdm bar once the work has run about a
+    second; False: silent; True: a bar from the start; a callable ``progress(done, total)``
     counted in chunks of work: batches of gradients and blocks of the log or of ``exact/h``) and
     ``memory_budget`` (bytes; default 512 MiB) which sets the block sizes.
     """
@@ -404,16 +404,20 @@ class Store:
                 "loss_fn=... to the query (a store never holds code).")
         return default_loss
 
-    def _tests(self, model, inputs, targets, loss_fn) -> TestPoints:
+    def _tests(self, model, inputs, targets, loss_fn, what: str = "test points") -> TestPoints:
+        """The test points of a query, checked before any work (``check_points``: one dry forward and loss)."""
         inputs, targets = as_pair(inputs, targets)
-        return TestPoints(model, inputs, targets, self._loss(loss_fn))
+        loss = self._loss(loss_fn)
+        check_points(model, inputs, targets, loss, what)
+        return TestPoints(model, inputs, targets, loss)
 
     # -- queries ----------------------------------------------------------------------------------
     def test_gradients(self, model: nn.Module, inputs, targets, checkpoint: int = -1, loss_fn=None) -> torch.Tensor:
         """∇_θ L(z_j; θ) at a checkpoint's parameters, one flat row per test sample."""
         c = self.reader.checkpoint_index(checkpoint)
+        tests = self._tests(model, inputs, targets, loss_fn)
         return test_gradients(model, self.layout, self.params_at(c), self.reader.buffers_at(c), self.meta["buffers"],
-                              inputs, targets, self._loss(loss_fn))
+                              tests.inputs, tests.targets, tests.loss_fn)
 
     def contributions(self, model: nn.Module, inputs, targets, mode: str | None = None, *, loss_fn=None,
                       checkpoint: int = -1, engine: str = "numpy", progress=None,
@@ -483,6 +487,9 @@ class Store:
         source, budget = self.source(mode), _budget(memory_budget)
         c = self.reader.checkpoint_index(checkpoint)
         train = TestPoints.of_dataset(model, dataset, self._loss(loss_fn))
+        if len(train):
+            first = train.take([0])  # the training set's first sample, checked as test points are
+            check_points(model, first.inputs, first.targets, first.loss_fn, "training samples")
         with Progress(progress, "self_influence") as bar:
             return self_influence(source, train, c, budget=budget, progress=bar)
 
@@ -552,8 +559,10 @@ class Store:
         proj = meta.get("projection", {})
         n_tracked = len(self.tracked_indices)
         samples = f"{self.n_train:,}" + (" (all tracked)" if n_tracked == self.n_train else f" ({n_tracked:,} tracked)")
-        if proj.get("requested") is None:
-            projection = f"none (full dimension, {self.layout.size:,} parameters)"
+        if not any(block.get("sketch") for block in proj.get("blocks", [{"sketch": True}])):
+            asked = proj.get("requested")
+            projection = f"none (full dimension, {self.layout.size:,} parameters" + (
+                "" if asked is None else f"; projection_dim={asked} asked for most of them") + ")"
         else:
             projection = (f"{proj.get('kind', '?')}, k = {int(proj.get('dim', 0)):,} of {self.layout.size:,} "
                           f"parameters (seed {proj.get('seed')})")

@@ -44,7 +44,7 @@ import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 from zarr.core.sync import sync
 
-from .errors import StoreError, TrackingConfigError
+from .errors import StoreError, StoreOccupied, TrackingConfigError
 from .optim import rule_named
 from .params import ParamLayout
 from .projection import Projector
@@ -142,13 +142,51 @@ def lock_holder(store_path) -> dict | None:
         os.close(fd)
 
 
-def prepare_path(path, overwrite: bool, resume: bool = False) -> Path:
-    """Check that a run may be written at ``path``: a new one (removing an earlier run if ``overwrite``),
-    or, with ``resume``, the continuation of the run already there."""
+def same_cell(stored: dict | None, current: dict | None) -> bool:
+    """Whether two runs' ``origin`` (the ``%%hydra_track`` cell that made each, see ``docs/store.md``) is one cell.
+
+    Runs from two notebooks the kernel could name are never the same cell. Within one notebook (or where
+    the kernel does not know the notebook: nbclient, plain IPython), cells with Jupyter cell ids are the
+    same cell when the ids are equal (an edited cell keeps its id); otherwise when their source is equal.
+    """
+    if not stored or not current:
+        return False
+    notebooks = stored.get("notebook"), current.get("notebook")
+    if all(notebooks) and notebooks[0] != notebooks[1]:
+        return False
+    ids = stored.get("cell_id"), current.get("cell_id")
+    if all(ids):
+        return ids[0] == ids[1]
+    return bool(stored.get("source_sha256")) and stored.get("source_sha256") == current.get("source_sha256")
+
+
+def replaceable(meta: dict, origin: dict | None) -> str | None:
+    """Why the run ``meta`` describes may be replaced without ``overwrite=True``, or None: it was refused at its
+    first step and holds nothing, or the same notebook cell made it (``origin``; ``same_cell``)."""
+    if meta.get("status") == "failed" and int(meta.get("committed", {}).get("steps", 0)) == 0:
+        return "it failed before its first step and holds nothing"
+    if same_cell(meta.get("origin"), origin):
+        return "this same cell made it"
+    return None
+
+
+def describe_run(meta: dict) -> str:
+    """"fast mode, 10 steps, complete": how messages about an earlier run name it."""
+    return (f"{meta.get('mode')} mode, {meta.get('committed', {}).get('steps', 0)} steps, "
+            f"{meta.get('status', 'unknown')}")
+
+
+def prepare_path(path, overwrite: bool, resume: bool = False, origin: dict | None = None) -> tuple[Path, str | None]:
+    """Check that a run may be written at ``path``: a new one (removing an earlier run if ``overwrite``, or if
+    ``replaceable`` says it may go), or, with ``resume``, the continuation of the run already there.
+
+    Returns the path and, when an earlier run was removed without ``overwrite``, a sentence saying which and why.
+    """
     p = Path(path)
     if resume and read_meta(p) is None:
         raise TrackingConfigError(
             f"Nothing to resume at {str(p)!r}: no hydra_nb store there. Drop resume=True to start a new run.")
+    replaced = None
     if p.exists():
         if p.is_file():
             raise TrackingConfigError(f"The store path {str(p)!r} is a file. Give a folder path such as 'runs/a.zarr'.")
@@ -164,14 +202,17 @@ def prepare_path(path, overwrite: bool, resume: bool = False) -> Path:
                 f"{holder.get('host')}); it can be neither overwritten nor resumed until that run ends.")
         elif resume:
             pass
-        elif not overwrite:
-            raise TrackingConfigError(
+        elif overwrite:
+            shutil.rmtree(p)
+        elif (why := replaceable(meta, origin)) is not None:
+            replaced = f"replaced the earlier run in {str(p)!r} ({describe_run(meta)}): {why}."
+            shutil.rmtree(p)
+        else:
+            raise StoreOccupied(
                 f"{str(p)!r} already holds a hydra_nb run ({meta.get('mode')} mode, run {meta.get('run_id')}, "
                 f"{meta.get('committed', {}).get('steps', 0)} steps). Pass overwrite=True to replace it, "
                 "resume=True to continue it, or choose another store path.")
-        else:
-            shutil.rmtree(p)
-    return p
+    return p, replaced
 
 
 def _create(group, name: str, **kwargs):
@@ -772,10 +813,10 @@ def _array_names(group) -> list[str]:
 
 
 def new_run_meta(mode: str, n_train: int, layout: ParamLayout, projector_json: dict, config: dict,
-                 buffers: list[dict], optimizer: str = "SGD") -> dict:
+                 buffers: list[dict], optimizer: str = "SGD", origin: dict | None = None) -> dict:
     from . import __version__
 
-    return {
+    meta = {
         "format": FORMAT,
         "schema_version": SCHEMA_VERSION,
         "hydra_nb_version": __version__,
@@ -789,6 +830,9 @@ def new_run_meta(mode: str, n_train: int, layout: ParamLayout, projector_json: d
         "buffers": buffers,
         "projection": projector_json,
     }
+    if origin is not None:
+        meta["origin"] = dict(origin)
+    return meta
 
 
 class StoreReader:

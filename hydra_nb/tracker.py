@@ -57,13 +57,13 @@ class Tracker:
                  checkpoint_every: str | int = "epoch", *, seed: int = 0, store_dtype: str | None = None,
                  overwrite: bool = False, strict: bool = False, hvp_batch: int = 32,
                  hvp_method: str = "auto", on_step: Callable[["Tracker"], None] | None = None, resume: bool = False,
-                 batch_fn: Callable | None = None, batchnorm: str = "exact"):
+                 batch_fn: Callable | None = None, batchnorm: str = "exact", origin: dict | None = None):
         # every option's value is checked here, once (hydra_nb/options.py)
         self.options = options = TrackOptions(
             mode=mode, projection_dim=projection_dim, exact_indices=exact_indices, loss_fn=loss_fn,
             checkpoint_every=checkpoint_every, seed=seed, store_dtype=store_dtype, overwrite=overwrite, strict=strict,
             hvp_batch=hvp_batch, hvp_method=hvp_method, on_step=on_step, resume=resume, batch_fn=batch_fn,
-            batchnorm=batchnorm)
+            batchnorm=batchnorm, origin=origin)
         if not isinstance(model, nn.Module):
             raise TrackingConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
         self.wrapper, self.rank, self.world_size = None, 0, 1
@@ -134,6 +134,7 @@ class Tracker:
 
         self.step = 0
         self.active = False
+        self.replaced: str | None = None  # what __enter__ replaced without overwrite (store.prepare_path), if anything
         self.failure: BaseException | None = None
         self.stats = {"steps": 0, "rows": 0, "tracking_seconds": 0.0, "started": None, "bytes_written": 0,
                       "writer_backlog": 0, "writer_wait_seconds": 0.0}
@@ -149,7 +150,7 @@ class Tracker:
         device = self.params[0].device
         if self.rank == 0:
             try:
-                path = prepare_path(self.path, self.overwrite, self.resume)
+                path, self.replaced = prepare_path(self.path, self.overwrite, self.resume, self.options.origin)
             except TrackingConfigError as exc:
                 self._share_outcome(str(exc))
                 raise
@@ -192,7 +193,7 @@ class Tracker:
                 self.exact.seen |= (self.exact.h != 0).any(1) | (self.exact.b != 0).any(1)
         else:
             meta = new_run_meta(self.mode, self.n_train, self.layout, self.log_projector.to_json(), config,
-                                buffers_meta, self.rule.name)
+                                buffers_meta, self.rule.name, self.options.origin)
             if self.rank == 0:
                 meta["world_size"] = self.world_size
                 try:
@@ -558,6 +559,9 @@ def track(model: nn.Module, loader, store, optimizer, mode: str = "fast", projec
                 hypergradients need advancing, the faster kept; ``tracker.exact.hvp_method`` says which). Same numbers either way.
             batch_fn: exact mode, for loader batches that are neither (inputs, targets, …) tuples nor dicts
             with a ``labels``/``targets`` entry: ``batch -> (inputs, targets)``.
+            origin: where the run comes from, kept in the store (``%%hydra_track`` passes its notebook cell);
+            a run whose origin is the same cell is replaced without ``overwrite`` (``store.same_cell``), as is
+            a run that failed before its first step (it holds nothing).
             on_step: called with the Tracker after every tracked optimizer step (progress displays);
             ``tracker.stats`` holds steps, rows, tracking_seconds (time inside hydra_nb's hooks),
             bytes_written (per-sample data and checkpoints handed to the store, before compression),

@@ -328,6 +328,69 @@ def test_custom_loss_must_be_given_to_queries(tmp_path):
     assert np.allclose(2 * a, b, rtol=1e-5, atol=1e-9)
 
 
+@pytest.fixture
+def tabular_store(tmp_path):
+    model = _run(tmp_path)
+    return model, hydra_nb.open_store(tmp_path / "a.zarr")
+
+
+QUERIES = {
+    "contributions": lambda store, model, x, y: store.contributions(model, x, y),
+    "top_k": lambda store, model, x, y: store.top_k(model, x, y, k=2),
+    "trajectory": lambda store, model, x, y: store.trajectory(model, x, y, [0, 1]),
+    "class_matrix": lambda store, model, x, y: store.class_matrix(model, data().tensors[1], x, y),
+    "test_gradients": lambda store, model, x, y: store.test_gradients(model, x, y),
+}
+
+
+@pytest.mark.parametrize("query", sorted(QUERIES))
+def test_queries_check_their_inputs_and_say_what_was_expected(tabular_store, query):
+    """Each Store entry point refuses bad test points before any work, naming what the model expects."""
+    model, store = tabular_store
+    x, y = data()[:4]
+    ask = QUERIES[query]
+    # a feature too many: once "mat1 and mat2 shapes cannot be multiplied"
+    with pytest.raises(ValueError, match=r"first layer, Linear\(5 → 6\), takes 5 features per sample, inputs of "
+                                         r"shape \(n, 5\); these have 6\. Pass the feature columns"):
+        ask(store, model, torch.cat([x, x[:, :1]], 1), y)
+    # one sample without its batch dimension: once "IndexError: tuple index out of range"
+    with pytest.raises(ValueError, match=r"targets is one value .*a single sample needs its batch dimension: pass "
+                                         r"x\[None\]"):
+        ask(store, model, x[0], y[0])
+    with pytest.raises(ValueError, match=r"inputs \(5\) and targets \(1\) differ in length; a single sample needs"):
+        ask(store, model, x[0], y[:1])
+    # float class labels: once a torch dtype error
+    with pytest.raises(ValueError, match=r"targets are float32; the default loss \(cross-entropy\) takes class "
+                                         r"indices, as integers: pass targets.long\(\)"):
+        ask(store, model, x, y.float())
+
+
+def test_self_influence_checks_the_training_set(tabular_store):
+    model, store = tabular_store
+    x, y = data().tensors
+    with pytest.raises(ValueError, match=r"cannot run on these training samples .*takes 5 features per sample"):
+        store.self_influence(model, (x[:, :4], y))
+    with pytest.raises(ValueError, match=r"loss cannot be computed for these training samples.*targets.long\(\)"):
+        store.self_influence(model, (x, y.double()))
+
+
+def test_queries_take_pandas_data(tabular_store):
+    """A DataFrame of features and a Series of labels give the same numbers as the tensors they hold."""
+    import pandas as pd  # a test dependency (the package itself never imports it)
+    model, store = tabular_store
+    x, y = data()[:4]
+    frame = pd.DataFrame(x.double().numpy(), columns=[f"f{i}" for i in range(D_IN)])
+    np.testing.assert_allclose(store.contributions(model, frame, pd.Series(y.numpy())),
+                               store.contributions(model, x, y), rtol=1e-5, atol=1e-9)
+    train_x, train_y = data().tensors
+    train_frame = pd.DataFrame(train_x.numpy(), columns=[f"f{i}" for i in range(D_IN)])
+    np.testing.assert_allclose(store.self_influence(model, (train_frame, pd.Series(train_y.numpy()))),
+                               store.self_influence(model, (train_x, train_y)), rtol=1e-5, atol=1e-9)
+    frame["colour"] = ["red", "green", "blue", "red"]
+    with pytest.raises(ValueError, match=r"inputs: the pandas values are not numeric \(columns colour\)\. Encode"):
+        store.contributions(model, frame, y)
+
+
 # -- failures in the middle of training ---------------------------------------------------
 
 def _train_with_clipping_from(model, loader, opt, start, epochs=2):

@@ -98,7 +98,8 @@ def test_load_ext_registers_both_magics(shell):
     assert "hydra_status" in shell.magics_manager.magics["line"]
 
 
-def test_auto_detection_trains_tracks_and_binds_the_store(ip, capsys):
+def test_auto_detection_trains_tracks_and_binds_the_store(ip, capsys, monkeypatch):
+    monkeypatch.setattr(hydra_nb.magic, "PROGRESS_DELAY_S", 0.0)  # the bar at once, however quick the run
     objs = objects()
     # a parameterless loss module and a second name for the same model are not ambiguities
     ip.user_ns.update(objs, criterion=nn.CrossEntropyLoss(), net=objs["model"], test_x=torch.zeros(2, D_IN))
@@ -157,13 +158,35 @@ def test_all_ambiguities_reported_together_and_flags_resolve_them(ip):
     other = objects(seed=1)
     ip.user_ns.update(model=objs["model"], model2=other["model"], loader=objs["loader"], loader2=other["loader"],
                       opt=objs["opt"], opt2=other["opt"])
-    message = usage_error(ip, cell())
+    # the cell names both of each (its AST), so the names it uses do not decide
+    both = "pairs = (model, model2), (loader, loader2), (opt, opt2)\n" + LOOP
+    message = usage_error(ip, cell(body=both))
     for flag in ("--model", "--loader", "--optimizer"):
         assert flag in message
-    r = ip.run_cell(cell(flags="--model model --loader loader --optimizer opt --dim 16"))
+    assert "2 candidates for the torch.nn.Module with trainable parameters in the names this cell uses: model, " \
+           "model2" in message
+    r = ip.run_cell(cell(flags="--model model --loader loader --optimizer opt --dim 16", body=both))
     assert r.success, r.error_in_exec
     assert ip.user_ns["hydra_store"].steps == 10
     assert all(torch.equal(a, b) for a, b in zip(other["model"].parameters(), mlp(1).parameters()))
+
+
+def test_the_names_the_cell_uses_come_first(ip):
+    """A second model, loader or optimizer defined later in the notebook is no ambiguity when the cell names one."""
+    objs = objects()
+    other = objects(seed=1)
+    ip.user_ns.update(objs, model_e=other["model"], loader_e=other["loader"], opt_e=other["opt"])
+    r = ip.run_cell(cell(flags="--dim 16"))
+    assert r.success, r.error_in_exec
+    assert ip.user_ns["hydra_store"].steps == 10
+    assert all(torch.equal(a, b) for a, b in zip(other["model"].parameters(), mlp(1).parameters()))  # untouched
+    # names the cell only uses through a function of the namespace: found there when unique
+    ip.user_ns.update(objects())
+    del ip.user_ns["model_e"], ip.user_ns["loader_e"], ip.user_ns["opt_e"]
+    ip.user_ns["fit"] = lambda: exec(LOOP, {"F": F, **{k: ip.user_ns[k] for k in ("model", "loader", "opt")}})
+    r = ip.run_cell(cell(store="runs/b.zarr", flags="--dim 16", body="fit()\n"))
+    assert r.success, r.error_in_exec
+    assert ip.user_ns["hydra_store"].steps == 10
 
 
 def test_nothing_to_detect(ip):
@@ -188,6 +211,10 @@ def test_nothing_to_detect(ip):
     ("--mode slow", "invalid choice"),
     ("--as 1x", "--as takes a Python variable name"),
     ("--resume --overwrite", "exclude each other"),
+    # a misspelled flag: the closest known ones
+    ("--dimm 16", "--dimm: did you mean --dim?"),
+    ("--overwirte", "--overwirte: did you mean --overwrite?"),
+    ("--chekpoint-every 3 --sed 1", "--chekpoint-every: did you mean --checkpoint-every?\n--sed: did you mean --seed"),
     # the engine's own refusals surface as usage errors before the cell runs
     ("--exact-indices 'range(3)'", "exact_indices applies to mode='exact' only"),
 ])
@@ -198,6 +225,37 @@ def test_bad_flags_are_clear_usage_errors(ip, flags, expected):
     assert expected in usage_error(ip, cell(flags=flags))
     assert all(torch.equal(a, b) for a, b in zip(before, objs["model"].parameters()))
     assert not os.path.exists("runs/a.zarr")
+
+
+def test_progress_bar_waits_about_a_second(ip, capsys, monkeypatch):
+    """A quick cell shows no bar: tqdm's delay= (the same as the queries' bars), then the bar as before."""
+    from hydra_nb.sources import PROGRESS_DELAY_S
+
+    assert hydra_nb.magic.PROGRESS_DELAY_S == PROGRESS_DELAY_S == 1.0
+    monkeypatch.setattr(hydra_nb.magic, "PROGRESS_DELAY_S", 1e6)  # a run shorter than the delay, however slow
+    ip.user_ns.update(objects())
+    assert ip.run_cell(cell(flags="--dim 16")).success
+    out = capsys.readouterr()
+    assert "step" not in out.err and "Bound to hydra_store" in out.out
+
+
+def test_notebook_bar_text_wraps_instead_of_running_off():
+    """In a notebook tqdm writes its text with non-breaking spaces on one widget line: a long postfix ran past the
+    cell's edge (checked in a browser by tests/browser); hydra_nb's bar lets it wrap. A terminal bar is tqdm's own."""
+    import tqdm
+    import tqdm.notebook
+
+    from hydra_nb.magic import _notebook_bar
+
+    assert _notebook_bar(tqdm.tqdm) is tqdm.tqdm
+    bar = _notebook_bar(tqdm.notebook.tqdm)(desc="hydra_track a.zarr", unit="step", delay=0)
+    try:
+        bar.set_postfix_str("1,234 samples/s, overhead 18%, 5.9 MB written")
+        text = bar.container.children[-1]
+        assert "1,234 samples/s, overhead 18%, 5.9 MB written" in text.value and "\u2007" not in text.value
+        assert bar.container.layout.flex_flow == "row wrap" and text.layout.height == "auto"
+    finally:
+        bar.close()
 
 
 def test_missing_store_is_a_usage_error(ip):
@@ -259,13 +317,14 @@ def test_keyboard_interrupt_stops_cleanly_and_says_where_the_store_stands(ip, ca
                        "opt.step()").success
 
 
-def test_rerun_is_refused_then_overwrite_replaces(ip):
+def test_another_cell_is_refused_then_overwrite_replaces(ip):
     objs = objects()
     ip.user_ns.update(objs)
     assert ip.run_cell(cell(flags="--dim 16")).success
     first = ip.user_ns["hydra_store"]
     before = [p.detach().clone() for p in objs["model"].parameters()]
-    message = usage_error(ip, cell(flags="--dim 16"))
+    # another cell (its source differs) into the same store: refused (the same cell again replaces its run, below)
+    message = usage_error(ip, cell(flags="--dim 16", body="# another cell\n" + LOOP))
     assert "already holds a hydra_nb run" in message and "10 steps" in message
     assert "--overwrite" in message and "--resume" in message and "--store" in message
     assert "overwrite=True" not in message
@@ -274,6 +333,74 @@ def test_rerun_is_refused_then_overwrite_replaces(ip):
     r = ip.run_cell(cell(flags="--dim 16 --overwrite", body=LOOP.replace("range(2)", "range(1)")))
     assert r.success, r.error_in_exec
     assert ip.user_ns["hydra_store"].steps == 5 and ip.user_ns["hydra_store"] is not first
+
+
+def test_the_same_cell_again_replaces_its_own_run(ip, capsys):
+    objs = objects()
+    ip.user_ns.update(objs)
+    assert ip.run_cell(cell(flags="--dim 16")).success
+    first = ip.user_ns["hydra_store"]
+    assert first.meta["origin"]["source_sha256"] and first.meta["origin"]["cell_id"] is None
+    capsys.readouterr()
+    r = ip.run_cell(cell(flags="--dim 16"))  # no --overwrite: this cell made that run
+    assert r.success, r.error_in_exec
+    out = capsys.readouterr().out
+    assert "hydra_nb: replaced the earlier run in 'runs/a.zarr' (fast mode, 10 steps, complete): this same cell " \
+           "made it." in out
+    again = ip.user_ns["hydra_store"]
+    assert again.meta["run_id"] != first.meta["run_id"] and again.steps == 10 and again.status == "complete"
+
+
+def test_a_jupyter_cell_is_known_by_its_id_and_its_notebook(ip, capsys):
+    ip.user_ns.update(objects(), __session__="/home/me/a.ipynb")  # ipykernel's name of the notebook under Jupyter
+    assert ip.run_cell(cell(flags="--dim 16"), cell_id="cell-1").success
+    origin = ip.user_ns["hydra_store"].meta["origin"]
+    assert origin["cell_id"] == "cell-1" and origin["notebook"] == "/home/me/a.ipynb"
+    # the same cell, edited (a Jupyter cell keeps its id): replaces its own run
+    edited = cell(flags="--dim 16", body=LOOP.replace("range(2)", "range(1)"))
+    assert ip.run_cell(edited, cell_id="cell-1").success
+    assert ip.user_ns["hydra_store"].steps == 5 and "this same cell made it" in capsys.readouterr().out
+    # another cell of that notebook, even with the same source: refused
+    message = usage_error_in(ip, edited, "cell-2")
+    assert "already holds a hydra_nb run (fast mode, 5 steps, complete), made by another cell of /home/me/a.ipynb" \
+        in message and "--overwrite" in message
+    # the same cell of another notebook (a copy: same id, same source): refused
+    ip.user_ns["__session__"] = "/home/me/copy of a.ipynb"
+    assert "made by another cell of /home/me/a.ipynb" in usage_error_in(ip, edited, "cell-1")
+    assert hydra_nb.open_store("runs/a.zarr").meta["run_id"] == ip.user_ns["hydra_store"].meta["run_id"]
+
+
+def usage_error_in(ip, text, cell_id) -> str:
+    """usage_error for a cell sent with a Jupyter cell id (as ipykernel passes it to run_cell)."""
+    r = ip.run_cell(text, cell_id=cell_id)
+    assert not r.success
+    assert isinstance(r.error_in_exec, UsageError), repr(r.error_in_exec)
+    return str(r.error_in_exec)
+
+
+def test_a_run_that_failed_before_its_first_step_is_replaced(ip, capsys):
+    objs = objects()
+    ip.user_ns.update(objs)
+    clipped = LOOP.replace("        opt.step()", "        torch.nn.utils.clip_grad_norm_(model.parameters(), 1e-3)\n"
+                                                 "        opt.step()")
+    r = ip.run_cell(cell(flags="--dim 16", body=clipped))
+    assert not r.success and "clipping" in str(r.error_in_exec)
+    failed = hydra_nb.open_store("runs/a.zarr")
+    assert failed.status.startswith("failed") and failed.steps == 0
+    capsys.readouterr()
+    assert ip.run_cell(cell(flags="--dim 16")).success  # the corrected cell: another source, no --overwrite
+    assert "(fast mode, 0 steps, failed): it failed before its first step and holds nothing." in \
+        capsys.readouterr().out
+    assert ip.user_ns["hydra_store"].steps == 10
+
+
+def test_track_outside_the_magic_is_never_the_same_cell(ip):
+    objs = objects()
+    with hydra_nb.track(objs["model"], objs["loader"], store="runs/a.zarr", optimizer=objs["opt"], projection_dim=16):
+        exec(LOOP, {"F": F, **objs})
+    assert "origin" not in hydra_nb.open_store("runs/a.zarr").meta
+    ip.user_ns.update(objects())
+    assert "made outside %%hydra_track" in usage_error(ip, cell(flags="--dim 16"))
 
 
 def test_resume_continues_the_run(ip):
@@ -313,6 +440,25 @@ def test_dim_none_stores_full_dimension(ip):
     n_params = sum(p.numel() for p in objs["model"].parameters())
     assert store.meta["config"]["projection_dim"] is None
     assert store.hypergradients().shape == (N, n_params)
+
+
+def test_dim_near_the_parameter_count_stores_full_dimension_and_says_so(ip, capsys):
+    """--dim 1024 on a 1,058-parameter model once gave k = 998: a store as big as full dimension, every score noisy."""
+    torch.manual_seed(0)
+    objs = objects()
+    objs["model"] = nn.Sequential(nn.Linear(D_IN, 150), nn.Tanh(), nn.Linear(150, C))  # 750 + 150 + 450 + 3 = 1,353
+    objs["opt"] = torch.optim.SGD(objs["model"].parameters(), lr=0.1)
+    ip.user_ns.update(objs)
+    assert ip.run_cell(cell(flags="--dim 1200")).success
+    out = capsys.readouterr().out
+    assert "hydra_nb: --dim 1200 is at least 75% of the model's 1,353 parameters: storing full-dimensional rows" in out
+    store = ip.user_ns["hydra_store"]
+    assert store.projector.is_identity and store.hypergradients(progress=False).shape == (N, 1353)
+    assert "none (full dimension, 1,353 parameters; projection_dim=1200 asked for most of them)" in store._repr_html_()
+    # below three quarters: a sketch, and no such line
+    assert ip.run_cell(cell(store="runs/b.zarr", flags="--dim 1000")).success
+    assert "full-dimensional" not in capsys.readouterr().out
+    assert ip.user_ns["hydra_store"].hypergradients(progress=False).shape[1] <= 1000
 
 
 def test_exact_mode_with_exact_indices(ip):

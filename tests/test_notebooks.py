@@ -87,3 +87,69 @@ def test_notebook_runs(path, kernel_path, tmp_path, monkeypatch):
     except nbclient.exceptions.CellExecutionError as exc:
         pytest.fail(f"{path.name}: a cell failed\n" + re.sub(r"\x1b\[[0-9;]*m", "", str(exc)), pytrace=False)
     print(f"{path.name}: executed in {time.perf_counter() - start:.1f} s")
+
+
+# -- re-running: the same notebook twice (Run All in a new kernel) replaces its own run -------------
+SETUP = """\
+import torch, torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+%load_ext hydra_nb
+torch.manual_seed(0)
+x, y = torch.randn(48, 5), torch.randint(0, 3, (48,))
+loader = DataLoader(TensorDataset(x, y), batch_size=16, shuffle=True)
+model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3))
+opt = torch.optim.SGD(model.parameters(), lr=0.1)
+model_e = nn.Linear(5, 3)  # a second model, defined before the training cell: the cell names its own"""
+
+TRAIN = """\
+%%hydra_track --store runs/rerun.zarr --dim 16
+for epoch in range({epochs}):
+    for xb, yb in loader:
+        opt.zero_grad(); F.cross_entropy(model(xb), yb).backward(); opt.step()"""
+
+CHECK = """assert hydra_store.steps == {steps} and hydra_store.status == "complete", hydra_store"""
+
+
+def _execute(nb, kernel_path, cwd, monkeypatch):
+    monkeypatch.setenv("JUPYTER_PATH", str(kernel_path))
+    monkeypatch.setenv("JUPYTER_RUNTIME_DIR", str(kernel_path / "runtime"))
+    monkeypatch.setenv("IPYTHONDIR", str(cwd / ".ipython"))
+    monkeypatch.setenv("PYDEVD_DISABLE_FILE_VALIDATION", "1")
+    monkeypatch.delenv("JPY_SESSION_NAME", raising=False)  # as nbclient runs it: the kernel knows no notebook path
+    client = nbclient.NotebookClient(nb, kernel_name=KERNEL_NAME, timeout=CELL_TIMEOUT_S,
+                                     resources={"metadata": {"path": str(cwd)}})
+    client.execute()
+    return nb
+
+
+def _notebook(*cells):
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nb.cells = [nbformat.v4.new_code_cell(c) for c in cells]
+    return nb
+
+
+def _outputs(cell) -> str:
+    return "".join(o.get("text", "") for o in cell.outputs)
+
+
+def test_a_notebook_runs_twice_without_overwrite_and_another_is_refused(kernel_path, tmp_path, monkeypatch):
+    _require_jupyter()
+    notebook = _notebook(SETUP, TRAIN.format(epochs=2), CHECK.format(steps=6))
+    first = _execute(notebook, kernel_path, tmp_path, monkeypatch)
+    assert "replaced" not in _outputs(first.cells[1])
+    second = _execute(nbformat.from_dict(first), kernel_path, tmp_path, monkeypatch)  # Run All again, a new kernel
+    assert "hydra_nb: replaced the earlier run in 'runs/rerun.zarr' (fast mode, 6 steps, complete): this same " \
+           "cell made it." in _outputs(second.cells[1])
+    # another notebook's cell into the same store: refused, the run stays
+    import hydra_nb
+
+    run_id = hydra_nb.open_store(tmp_path / "runs" / "rerun.zarr").meta["run_id"]
+    other = _notebook(SETUP, TRAIN.format(epochs=1), CHECK.format(steps=3))
+    with pytest.raises(nbclient.exceptions.CellExecutionError) as failure:
+        _execute(other, kernel_path, tmp_path, monkeypatch)
+    message = re.sub(r"\x1b\[[0-9;]*m", "", str(failure.value))
+    assert "'runs/rerun.zarr' already holds a hydra_nb run (fast mode, 6 steps, complete), made by another cell" \
+        in message and "--overwrite" in message
+    assert hydra_nb.open_store(tmp_path / "runs" / "rerun.zarr").meta["run_id"] == run_id

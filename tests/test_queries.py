@@ -487,6 +487,21 @@ def test_progress_callback_and_bar(fast64, capsys):
     assert "contributions" in capsys.readouterr().err
 
 
+def test_progress_bar_appears_only_after_a_delay(fast64, capsys, monkeypatch):
+    """progress=None: tqdm's delay= keeps the bar away from queries quicker than about a second."""
+    import hydra_nb.sources
+
+    model, store = fast64
+    X, Y = make_test_points(2)
+    assert hydra_nb.sources.PROGRESS_DELAY_S == 1.0
+    monkeypatch.setattr(hydra_nb.sources, "PROGRESS_DELAY_S", 1e6)  # a query shorter than the delay, however slow
+    store.contributions(model, X, Y, memory_budget=TINY)
+    assert capsys.readouterr().err == ""
+    monkeypatch.setattr(hydra_nb.sources, "PROGRESS_DELAY_S", 0.0)  # work that has already run longer than it
+    store.contributions(model, X, Y, memory_budget=TINY)
+    assert "contributions" in capsys.readouterr().err
+
+
 def test_bad_arguments(fast64):
     model, store = fast64
     X, Y = make_test_points(2)

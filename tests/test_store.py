@@ -370,3 +370,22 @@ def test_writer_rows_come_back_exactly_across_chunks_flushes_and_a_reopen(tmp_pa
     np.testing.assert_array_equal(g["checkpoints/step"][:], [0, 3, 6, 9, 12, 14, 16, 18])
     committed = read_meta(path)["committed"]
     assert committed == {"steps": n_steps, "rows": len(np.concatenate(expect["sample"])), "checkpoints": 8}
+
+
+def test_same_cell_and_what_may_be_replaced():
+    """The rules %%hydra_track's re-runs rest on (hydra_nb.store.same_cell, replaceable)."""
+    from hydra_nb.store import replaceable, same_cell
+
+    a = {"notebook": "/n/a.ipynb", "cell_id": "c1", "source_sha256": "s1"}
+    assert same_cell(a, dict(a, source_sha256="s2"))                  # an edited cell keeps its id
+    assert not same_cell(a, dict(a, cell_id="c2"))                     # another cell, even with the same source
+    assert not same_cell(a, dict(a, notebook="/n/copy.ipynb"))         # a copy of the notebook
+    assert same_cell(a, {"notebook": None, "cell_id": None, "source_sha256": "s1"})   # nbclient: the source decides
+    assert not same_cell(a, {"notebook": None, "cell_id": None, "source_sha256": "s2"})
+    assert not same_cell(None, a) and not same_cell(a, None) and not same_cell({}, {})
+    done = {"status": "complete", "committed": {"steps": 10}, "origin": a}
+    assert replaceable(done, dict(a)) == "this same cell made it"
+    assert replaceable(done, None) is None and replaceable(dict(done, origin=None), a) is None
+    failed = {"status": "failed", "committed": {"steps": 0}}
+    assert replaceable(failed, None) == "it failed before its first step and holds nothing"
+    assert replaceable(dict(failed, committed={"steps": 3}), None) is None

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 import hydra_nb
 from hydra_nb.examples import MLP, SmallCNN, load_digits
 from hydra_nb.widgets import Explorer, explore
-from hydra_nb.data import Samples
+from hydra_nb.data import Samples, short_number
 from hydra_nb.widgets.wire import pack, put_buffers, split_buffers, unpack
 
 REPO = Path(__file__).resolve().parents[1]
@@ -251,8 +251,11 @@ def test_samples_images_text_tabular_and_datasets():
     assert t.max() == 255 and t.min() == 0  # each image scaled to its own range
     grey = Samples((np.random.rand(5, 6, 7), np.arange(5)))
     assert grey.kind == "image" and grey.thumbnails([0]).shape == (1, 6, 7, 1)
-    rows = Samples((torch.randn(5, 3), torch.arange(5)))
-    assert rows.kind == "tabular" and rows.texts([0])[0].startswith("[") and "view" not in rows.view([0])
+    x5 = torch.randn(5, 3)
+    rows = Samples((x5, torch.arange(5)))
+    assert rows.kind == "tabular" and rows.feature_names == ["x0", "x1", "x2"] and "view" not in rows.view([0])
+    order, _ = rows.salient([0], 3)  # a row as named items, the most unusual first (it was "[v0, v1, v2]")
+    assert rows.texts([0])[0] == ", ".join(f"x{c} {short_number(x5[0, c])}" for c in order[0])
     texts = Samples((["a good film", "a bad film"], [1, 0]), encode=lambda s: torch.tensor([[len(x)] for x in s]))
     assert texts.kind == "text" and texts.texts([1]) == ["a bad film"]
     x, y = texts.batch([0, 1])
@@ -287,8 +290,119 @@ def test_tabular_explorer_end_to_end(tmp_path):
                 opt.zero_grad(); F.cross_entropy(model(xb), yb).backward(); opt.step()
     f = Front(explore(str(tmp_path / "t.zarr"), model, (x[:10], y[:10]), (x, y), class_names=["neg", "pos"]))
     r = f.ask("rankings", test=0, k=4)
-    assert len(r["groups"]["helpful"]["texts"]) == 4 and "thumbs" not in r["groups"]["helpful"]
-    assert f.ask("gallery", limit=3)["texts"][0].startswith("[")
+    # feature rows travel as numbers (the cards draw named tables), not as texts or thumbnails
+    helpful = r["groups"]["helpful"]
+    assert helpful["features"].shape == (4, 6) and "thumbs" not in helpful and "texts" not in helpful
+    np.testing.assert_array_equal(helpful["features"], x.double().numpy()[helpful["indices"]])
+    assert f.ask("gallery", limit=3)["features"].shape == (3, 6)
+
+
+def _tabular_run(path, mode="fast"):
+    """A breast-cancer-like table: 6 named features of very different scales, 2 classes."""
+    import pandas as pd  # a test dependency; hydra_nb itself never imports it
+
+    torch.manual_seed(0)
+    x = torch.randn(120, 6, dtype=torch.float64) * torch.tensor([1.0, 10.0, 0.01, 1000.0, 1.0, 0.1],
+                                                                dtype=torch.float64)
+    y = (x[:, 0] > 0).long()
+    names = ["mean radius", "mean texture", "mean smoothness", "worst area", "worst symmetry", "fractal dimension"]
+    frame, labels = pd.DataFrame(x.numpy(), columns=names), pd.Series(y.numpy(), name="diagnosis")
+    loader = DataLoader(TensorDataset((x / x.std(0)).float(), y), batch_size=20, shuffle=True)
+    model = MLP(hidden=8, n_classes=2, n_inputs=6)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    kw = {"exact_indices": list(range(0, 120, 3))} if mode == "exact" else {}
+    with hydra_nb.track(model, loader, store=path, optimizer=opt, projection_dim=None, mode=mode,
+                        **kw):
+        for _ in range(2):
+            for xb, yb in loader:
+                opt.zero_grad(); F.cross_entropy(model(xb), yb).backward(); opt.step()
+    scaled = pd.DataFrame((x / x.std(0)).numpy(), columns=names)  # what the model was trained on, as a DataFrame
+    return model, scaled, labels, frame
+
+
+def test_tabular_explorer_names_features_from_a_dataframe(tmp_path):
+    model, scaled, labels, _ = _tabular_run(tmp_path / "t.zarr")
+    ex = explore(str(tmp_path / "t.zarr"), model, (scaled[:10], labels[:10]), (scaled, labels),
+                 class_names=["malignant", "benign"])
+    assert ex.info["feature_names"] == list(scaled.columns) and ex.info["test_kind"] == "tabular"
+    f = Front(ex)
+    r = f.ask("rankings", test=3, k=5)
+    # the selected row travels with the answer; its salient features are the most unusual against the training set
+    row = r["test_view"]["features"][0]
+    mean, std = scaled.to_numpy().mean(0), scaled.to_numpy().std(0)
+    z = (row - mean) / std
+    np.testing.assert_array_equal(r["test_view"]["salient"][0], np.argsort(-np.abs(z), kind="stable")[:4])
+    np.testing.assert_allclose(r["test_view"]["z"][0], z[r["test_view"]["salient"][0]], rtol=1e-5)
+    # predictions from a float64 DataFrame on a float32 model, as the queries take it
+    pred = ex.predictions()
+    with torch.no_grad():
+        m = MLP(hidden=8, n_classes=2, n_inputs=6)
+        ex.store.load_params(m)
+        expect = m.eval()(torch.tensor(scaled[:10].to_numpy()).float()).argmax(1).numpy()
+    np.testing.assert_array_equal(pred, expect)
+    assert r["predicted"] == expect[3]
+    # names given explicitly win over nothing; a wrong count is refused
+    x = torch.as_tensor(scaled.to_numpy())
+    ex2 = explore(str(tmp_path / "t.zarr"), model, (x[:5], torch.as_tensor(labels.to_numpy()[:5])),
+                  (x, torch.as_tensor(labels.to_numpy())), feature_names=[f"f{i}" for i in range(6)])
+    assert ex2.info["feature_names"] == [f"f{i}" for i in range(6)]
+    with pytest.raises(ValueError, match="test_data: 3 feature names for rows of 6 features"):
+        explore(str(tmp_path / "t.zarr"), model, (x[:5], labels[:5]), (x, labels), feature_names=["a", "b", "c"])
+    with pytest.raises(ValueError, match="feature_names are for feature rows"):
+        explore(str(tmp_path / "t.zarr"), model, (torch.rand(3, 1, 8, 8), torch.arange(3)), (x, labels),
+                feature_names=["a"])
+
+
+def test_each_view_says_its_mode_and_mode_preference_is_the_one_place(tmp_path, run, monkeypatch):
+    import hydra_nb.widgets.explorer as explorer_module
+
+    store, model, train, test = run
+    f = Front(explore(store, model, test, train, k=3))
+    assert f.widget.info["modes"]["fast"]["note"] == "fast estimate: may disagree with exact at large learning rates"
+    assert "benchmarks/RESULTS.md" in f.widget.info["modes"]["fast"]["source"]
+    assert f.ask("rankings", test=1, k=2)["mode"] == "fast"
+    assert f.ask("trajectory", test=1, train=[2])["mode"] == "fast"
+    assert f.ask("self_influence", limit=2)["mode"] == "fast"
+    assert f.ask("class_matrix")["mode"] == "fast"
+    # an exact store: every view answers exactly (self-influence too: the exact source has self_dot) ...
+    model_e, scaled, labels, _ = _tabular_run(tmp_path / "e.zarr", mode="exact")
+    e = Front(explore(str(tmp_path / "e.zarr"), model_e, (scaled[:6], labels[:6]), (scaled, labels)))
+    assert e.ask("rankings", test=0, k=2)["mode"] == "exact" and e.widget.mode_for("self_dot") == "exact"
+    row = e.widget.contribution_row(0)
+    np.testing.assert_allclose(row, e.widget.store.contributions(model_e, scaled[:1], labels[:1], mode="exact",
+                                                                 progress=False)[0], rtol=1e-5, atol=1e-9)
+    # ... unless MODE_PREFERENCE, the one place that orders the modes, says otherwise
+    monkeypatch.setattr(explorer_module, "MODE_PREFERENCE", ("fast",))
+    assert e.widget.mode_for() == "fast"
+    # mode= picks one for every view; an unknown one is refused at once
+    assert Front(explore(str(tmp_path / "e.zarr"), model_e, (scaled[:6], labels[:6]), (scaled, labels),
+                         mode="exact")).ask("rankings", test=0, k=2)["mode"] == "exact"
+    with pytest.raises(ValueError, match="mode must be one of 'fast', 'exact', 'replay' or None"):
+        explore(store, model, test, train, mode="slow")
+
+
+def test_exact_by_replay_reaches_every_view_that_asks_for_it(tmp_path):
+    """Explorer(mode="replay") (and "exact" on a fast store, which replays) hands replay the training set."""
+    model, scaled, labels, _ = _tabular_run(tmp_path / "t.zarr")
+    test, train = (scaled[:5], labels[:5]), (scaled, labels)
+    for mode in ("replay", "exact"):
+        f = Front(explore(str(tmp_path / "t.zarr"), model, test, train, mode=mode, k=3))
+        r = f.ask("rankings", test=2, k=3)
+        assert r["mode"] == mode and f.widget.info["modes"]["replay"]["label"] == "exact (replay)"
+        store = f.widget.store
+        expect = store.contributions(model, scaled[2:3], labels[2:3], mode="replay", train_data=f.widget._train_data,
+                                     progress=False)[0]
+        np.testing.assert_allclose(f.widget.contribution_row(2), expect, rtol=1e-5, atol=1e-9)  # float32 run
+        np.testing.assert_array_equal(r["groups"]["helpful"]["indices"], np.argsort(-expect, kind="stable")[:3])
+
+
+def test_hydra_nb_never_imports_pandas():
+    """pandas is optional: accepted when the user has it, never imported by hydra_nb."""
+    code = ("import sys, hydra_nb, hydra_nb.widgets, hydra_nb.plot, hydra_nb.magic; "
+            "assert 'pandas' not in sys.modules, 'hydra_nb imported pandas'")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert out.returncode == 0, out.stderr[-2000:]
 
 
 # -- live mode ---------------------------------------------------------------------------------------
@@ -356,6 +470,9 @@ def test_plots_have_titles_axes_and_units(run):
     fig = plot.top_k(store, model, test, train, [0, 1], k=3)
     assert isinstance(fig, matplotlib.figure.Figure) and "helpful" in fig._suptitle.get_text()
     assert len(fig.axes) == 2 * 7
+    _assert_laid_out(fig)
+    assert fig.axes[0].get_ylabel() == "test #0" and " → " in fig.axes[0].get_title()  # rows named, predictions
+    assert _assert_laid_out(plot.self_influence(store, model, train, n=12))
     fig = plot.trajectory(store, model, test, 0, [1, 2], train_data=train)
     ax = fig.axes[0]
     assert ax.get_xlabel().startswith("optimizer step") and "∂L/∂w" in ax.get_ylabel() and ax.get_title()
@@ -371,6 +488,95 @@ def test_plots_have_titles_axes_and_units(run):
     x = torch.randn(30, 4)
     texts = Samples((x, (x[:, 0] > 0).long()))
     assert texts.kind == "tabular"
+
+
+def _text_boxes(fig):
+    """(text, window extent) of every text a drawn figure shows: visible and non-empty, and for tick labels only
+    those of ticks inside their axis's view (matplotlib keeps labels of ticks beyond it, undrawn)."""
+    import matplotlib.text
+
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    tick_labels, drawn = set(), []
+    for ax in fig.axes:
+        for axis in (ax.xaxis, ax.yaxis):
+            lo, hi = sorted(axis.get_view_interval())
+            pad = 1e-9 * max(1.0, abs(lo), abs(hi))
+            for loc, tick in zip(axis.get_majorticklocs(), axis.get_major_ticks()):
+                for label in (tick.label1, tick.label2):
+                    tick_labels.add(id(label))
+                    if lo - pad <= loc <= hi + pad:
+                        drawn.append(label)
+    texts = [t for t in fig.findobj(matplotlib.text.Text) if id(t) not in tick_labels] + drawn
+    return [(t.get_text(), t.get_window_extent(renderer)) for t in texts if t.get_visible() and t.get_text().strip()]
+
+
+def _assert_laid_out(fig, overlaps_allowed=lambda a, b: False):
+    """Constrained layout; every text inside the figure (nothing clipped without bbox_inches='tight'); no two
+    texts overlap."""
+    from matplotlib.layout_engine import ConstrainedLayoutEngine
+
+    assert isinstance(fig.get_layout_engine(), ConstrainedLayoutEngine)
+    boxes = _text_boxes(fig)
+    frame = fig.bbox
+    for text, box in boxes:
+        assert box.x0 >= frame.x0 - 1 and box.x1 <= frame.x1 + 1 and box.y0 >= frame.y0 - 1 and \
+            box.y1 <= frame.y1 + 1, f"{text!r} is cut off by the figure's edge"
+    for i, (ta, a) in enumerate(boxes):
+        for tb, b in boxes[i + 1:]:
+            shrunk = a.padded(-0.5)
+            if shrunk.overlaps(b.padded(-0.5)) and not overlaps_allowed(ta, tb):
+                raise AssertionError(f"{ta!r} overlaps {tb!r}")
+    return boxes
+
+
+@pytest.mark.parametrize("n", [2, 10, 100])
+def test_class_matrix_lays_out_2_to_100_classes(n):
+    from hydra_nb import plot
+    from hydra_nb.query import ClassMatrix
+
+    rng = np.random.default_rng(0)
+    names = ["malignant", "benign"] if n == 2 else [f"class name {i}" for i in range(n)]
+    cm = ClassMatrix(np.arange(n), np.arange(n), rng.normal(size=(n, n)), np.ones((n, n)), np.ones(n), np.ones(n))
+    fig = plot.class_matrix(cm, class_names=names)
+    cells = {f"{v:.2g}" for v in cm.mean.ravel()}
+    boxes = _assert_laid_out(fig, lambda a, b: a in cells or b in cells)  # a cell's number lies on the image
+    shown = [t for t, _ in boxes]
+    assert "malignant" in shown and "benign" in shown if n == 2 else "class name 0" in shown
+    ticks = [t for t in fig.axes[0].get_xticklabels() if t.get_visible()]
+    assert len(ticks) == n if n <= 10 else n // 4 <= len(ticks) < n  # thinned to what fits, never overlapping
+    fig.clf()
+
+
+def test_plots_of_feature_rows_name_rows_and_show_predictions(tmp_path):
+    from hydra_nb import plot
+
+    model, scaled, labels, _ = _tabular_run(tmp_path / "t.zarr")
+    store = hydra_nb.open_store(tmp_path / "t.zarr")
+    names = ["malignant", "benign"]
+    test, train = (scaled[:10], labels[:10]), (scaled, labels)
+    fig = plot.top_k(store, model, test, train, [0, 3], k=3, class_names=names)
+    _assert_laid_out(fig)
+    ax = fig.axes[0]
+    pred = ex_pred = Front(explore(str(tmp_path / "t.zarr"), model, test, train)).widget.predictions()
+    assert ax.get_title(loc="left").startswith(f"test #0 (y={names[int(labels[0])]} → {names[pred[0]]})\n")
+    rows = [t.get_text() for t in ax.get_yticklabels()]
+    assert len(rows) == 6 and all(r.startswith("#") for r in rows)
+    for r in rows:  # named features, most unusual first, whole "name value" items only
+        items = r.split(": ", 1)[1].split(", ")
+        for item in items:
+            if item != "…":
+                name, value = item.rsplit(" ", 1)
+                assert name in scaled.columns and float(value) == float(value)
+    fig = plot.self_influence(store, model, train, n=8, class_names=names)
+    _assert_laid_out(fig)
+    bars = fig.axes[1]
+    assert [b.get_facecolor() for b in bars.patches][0][:3] == pytest.approx(
+        tuple(int(plot.SUSPECT[i:i + 2], 16) / 255 for i in (1, 3, 5)))  # suspects amber, as in the explorer
+    assert all(" → " in t.get_text() for t in bars.get_yticklabels())  # label → predicted
+    fig = plot.trajectory(store, model, test, 0, [1, 2], train_data=train, class_names=names)
+    _assert_laid_out(fig)
+    del ex_pred
 
 
 # -- the bundle and the wheel ---------------------------------------------------------------------------

@@ -42,11 +42,14 @@ from ..params import ParamLayout
 
 DEFAULT_MEMORY_BUDGET = 512 << 20
 _GRAD_BATCH = 256  # test/training samples differentiated per call (then projected or multiplied, and dropped)
-_BAR_MIN_CHUNKS = 8  # progress=None shows a bar only for work of more chunks than this
+# progress=None: a bar appears only once work has run this long (tqdm's delay=), so a quick query shows nothing;
+# %%hydra_track's bar waits as long (hydra_nb/magic.py)
+PROGRESS_DELAY_S = 1.0
 
 
 class Progress:
-    """``progress``: None (a tqdm bar for long work), False (silent), True (always a bar) or callable(done, total).
+    """``progress``: None (a tqdm bar once the work has run ``PROGRESS_DELAY_S``), False (silent), True (a bar
+    from the start) or callable(done, total).
 
     The query that owns it names it (``desc``); each source operation it is handed calls ``plan(n)``
     with the chunks of work it is about to do (batches of gradients, blocks of the log or of
@@ -65,11 +68,11 @@ class Progress:
         if self._bar is not None:
             self._bar.total = self.total
             self._bar.refresh()
-        elif self._callback is None and (self._progress is True or
-                                         (self._progress is None and self.total > _BAR_MIN_CHUNKS)):
+        elif self._callback is None and self._progress in (None, True):
             from tqdm.auto import tqdm
 
-            self._bar = tqdm(total=self.total, initial=self.done, desc=self.desc, unit="chunk", leave=False)
+            self._bar = tqdm(total=self.total, initial=self.done, desc=self.desc, unit="chunk", leave=False,
+                             delay=0.0 if self._progress is True else PROGRESS_DELAY_S)
 
     def update(self, n: int = 1) -> None:
         self.done += n

@@ -30,18 +30,45 @@ from pathlib import Path
 
 import anywidget
 import numpy as np
-import torch
 import traitlets
 
-from ..data import Samples, as_samples
+from ..data import Samples, as_samples, feature_stats_for, predicted_classes
 from ..errors import StoreError
 from ..query import Store, open_store, smallest_k
+from ..sources import SOURCES, HypergradientSource
 from .wire import pack, split_buffers
 
 STATIC = Path(__file__).parent / "static"
 SORTS = ("both", "helpful", "harmful", "absolute")
 _ROW_CACHE = 32  # test samples whose contribution rows are kept
 _PROGRESS_SECONDS = 0.25
+
+# Which hypergradient source a view answers from when explore(mode=None): the first of these that the store can
+# give (SOURCES[m].unavailable) and that has the view's operation ("dot": rankings, trajectories, the class matrix
+# and live rankings; "self_dot": self-influence). The one place that decides the default: putting "replay" first
+# makes every view of a replayable run exact by replay (Explorer._ask already hands replay the training data).
+MODE_PREFERENCE = ("exact", "fast")
+
+# How each view names the mode its numbers come from (the `mode` of its answer): a short label, the sentence shown
+# beside it, and for an estimate the measured figure behind that sentence, with its source.
+MODE_LABELS = {
+    "fast": {
+        "label": "fast estimate",
+        "note": "fast estimate: may disagree with exact at large learning rates",
+        "figure": "Measured: at lr 0.01 fast rankings match exact ones (Spearman ≥ 0.98 after 92 steps); at lr 0.05 "
+                  "with momentum 0.9 they decorrelate within a few dozen steps (Spearman 0.03–0.14 at step 92).",
+        "source": "benchmarks/RESULTS.md, “Approximation error: fast vs exact HYDRA over training” "
+                  "(python benchmarks/field_approx.py)",
+    },
+    "exact": {
+        "label": "exact",
+        "note": "exact: the derivative of this training run, Hessian terms included (tracked samples only)",
+    },
+    "replay": {
+        "label": "exact (replay)",
+        "note": "exact by replay: the derivative of this training run for every sample, by replaying it backward",
+    },
+}
 
 
 class Explorer(anywidget.AnyWidget):
@@ -70,11 +97,19 @@ class Explorer(anywidget.AnyWidget):
     timeout_s = traitlets.Float(120.0).tag(sync=True)
 
     def __init__(self, store, model, test_data, train_data, *, k: int = 10, class_names=None, encode=None,
-                 test_display=None, train_display=None, loss_fn=None, mode: str | None = None, **kwargs):
+                 test_display=None, train_display=None, feature_names=None, loss_fn=None, mode: str | None = None,
+                 **kwargs):
         super().__init__(**kwargs)
+        if mode is not None and mode not in SOURCES:
+            raise ValueError(f"mode must be one of {', '.join(map(repr, SOURCES))} or None (the most exact the store "
+                             f"gives), got {mode!r}.")
         self.model = model
-        self.test = as_samples(test_data, "test_data", encode=encode, display=test_display)
-        self.train = as_samples(train_data, "train_data", encode=encode, display=train_display)
+        self.test = as_samples(test_data, "test_data", encode=encode, display=test_display,
+                               feature_names=feature_names)
+        self.train = as_samples(train_data, "train_data", encode=encode, display=train_display,
+                                feature_names=feature_names)
+        self._feature_stats = feature_stats_for(self.train, self.test)
+        self._train_data = self.train.as_dataset()  # one object: the store keeps the replay source built for it
         self.class_names = None if class_names is None else [str(c) for c in class_names]
         self.query_mode = mode
         self._loss_fn = loss_fn
@@ -140,9 +175,34 @@ class Explorer(anywidget.AnyWidget):
             store = {"path": str(self._path), "status": s.status, "mode": s.mode, "steps": int(s.steps),
                      "checkpoints": len(s.checkpoint_steps), "n_tracked": int(len(s.tracked_indices)),
                      "n_train": int(s.n_train)}
+        features = self.train.feature_names or self.test.feature_names
         return {"test_kind": self.test.kind, "train_kind": self.train.kind, "n_test": len(self.test),
                 "n_train": len(self.train), "train_classes": labels["train"], "test_classes": labels["test"],
-                "class_names": self.class_names, "store": store, "path": str(self._path)}
+                "class_names": self.class_names, "store": store, "path": str(self._path),
+                "feature_names": features, "modes": MODE_LABELS}
+
+    # -- which source answers -------------------------------------------------------------------
+    def mode_for(self, operation: str = "dot") -> str:
+        """The mode a view's numbers come from: ``mode=`` if given, else the first of ``MODE_PREFERENCE`` the store
+        can give that has ``operation`` ("dot", or "self_dot" for self-influence); the store's own mode otherwise."""
+        if self.query_mode is not None:
+            return self.query_mode
+        s = self._need_store()
+        for mode in MODE_PREFERENCE:
+            cls = SOURCES.get(mode)
+            if cls is None or cls.unavailable(s.reader) is not None:
+                continue
+            if operation == "dot" or getattr(cls, operation) is not getattr(HypergradientSource, operation):
+                return mode
+        return s.mode
+
+    def _ask(self, query: str, *args, operation: str = "dot", **kwargs):
+        """``Store.<query>(self.model, *args, mode=…, **kwargs)`` from the source ``mode_for(operation)`` picks; queries
+        of ``dot`` get the training set too (``train_data``: exact answers by replay walk the run with it)."""
+        s = self._need_store()
+        if operation == "dot":
+            kwargs["train_data"] = self._train_data
+        return getattr(s, query)(self.model, *args, mode=self.mode_for(operation), **kwargs)
 
     def _model_at_checkpoint(self):
         """A copy of the model with the last committed checkpoint's parameters (for predictions)."""
@@ -158,13 +218,9 @@ class Explorer(anywidget.AnyWidget):
         if self._pred is None:
             m = self._model_at_checkpoint()
             out = np.full(len(self.test), -1, dtype=np.int64)
-            with torch.no_grad():
-                for a in range(0, len(self.test), 512):
-                    ids = np.arange(a, min(a + 512, len(self.test)))
-                    x, _ = self.test.batch(ids)
-                    logits = m(x)
-                    if logits.ndim == 2 and logits.shape[1] > 1:
-                        out[ids] = logits.argmax(1).cpu().numpy()
+            for a in range(0, len(self.test), 512):  # a batch of samples at a time (a Dataset is read item by item)
+                ids = np.arange(a, min(a + 512, len(self.test)))
+                out[ids] = predicted_classes(m, self.test.batch(ids)[0])
             self._pred = out
         return self._pred
 
@@ -201,7 +257,7 @@ class Explorer(anywidget.AnyWidget):
         out = {"indices": pack(ids), "labels": pack(self.train.label_of(ids))}
         if scores is not None:
             out["scores"] = pack(np.asarray(scores, dtype=np.float64))
-        out.update(_packed_view(self.train, ids))
+        out.update(packed_view(self.train, ids, self._feature_stats))
         return out
 
     def _handle_gallery(self, offset: int = 0, limit: int = 48, filter: str = "all", progress=None) -> dict:
@@ -220,7 +276,7 @@ class Explorer(anywidget.AnyWidget):
         page = ids[int(offset):int(offset) + max(0, min(int(limit), 500))]
         out = {"total": total, "offset": int(offset), "indices": pack(page), "labels": pack(labels[page]),
                "predicted": pack(pred[page] if pred is not None else np.full(len(page), -1))}
-        out.update(_packed_view(self.test, page))
+        out.update(packed_view(self.test, page, self._feature_stats))
         return out
 
     def contribution_row(self, test_index: int, progress=False) -> np.ndarray:
@@ -231,7 +287,7 @@ class Explorer(anywidget.AnyWidget):
             self._rows.move_to_end(j)
             return self._rows[j]
         x, y = self.test.batch([j])
-        row = s.contributions(self.model, x, y, self.query_mode, progress=progress)[0]
+        row = self._ask("contributions", x, y, progress=progress)[0]
         self._rows[j] = row
         while len(self._rows) > _ROW_CACHE:
             self._rows.popitem(last=False)
@@ -258,8 +314,10 @@ class Explorer(anywidget.AnyWidget):
         groups, candidates = self.rank(test, k, sort, train_class, progress=progress)
         test = int(test)
         pred = self.predictions()
-        return {"test": test, "label": int(self.test.label_of([test])[0]), "predicted": int(pred[test]),
-                "candidates": candidates, "step": int(self._store.steps),
+        # a picture is on screen already (the gallery's); a feature row or a text travels with the answer
+        shown = {} if self.test.kind == "image" else {"test_view": packed_view(self.test, [test], self._feature_stats)}
+        return {**shown, "test": test, "label": int(self.test.label_of([test])[0]), "predicted": int(pred[test]),
+                "candidates": candidates, "step": int(self._store.steps), "mode": self.mode_for(),
                 "groups": {name: self._cards(ids, scores) for name, (ids, scores) in groups.items()}}
 
     def trajectories(self, test_index: int, train_indices, progress=False) -> tuple[np.ndarray, np.ndarray]:
@@ -270,7 +328,7 @@ class Explorer(anywidget.AnyWidget):
         missing = sorted({i for i in train_indices if (j, i) not in self._traj})
         if missing:
             x, y = self.test.batch([j])
-            _, values = s.trajectory(self.model, x, y, missing, self.query_mode, progress=progress)
+            _, values = self._ask("trajectory", x, y, missing, progress=progress)
             for col, i in enumerate(missing):
                 self._traj[(j, i)] = values[0, :, col]
         values = np.stack([self._traj[(j, i)] for i in train_indices], axis=1) if train_indices else \
@@ -280,17 +338,17 @@ class Explorer(anywidget.AnyWidget):
     def _handle_trajectory(self, test: int, train, progress=None) -> dict:
         steps, values = self.trajectories(test, train, progress=progress)
         train = np.asarray([int(i) for i in train], dtype=np.int64)
-        return {"test": int(test), "steps": pack(steps, "float64"), "values": pack(values, "float64"),
+        return {"test": int(test), "mode": self.mode_for(), "steps": pack(steps, "float64"),
+                "values": pack(values, "float64"),
                 "epochs": pack(self._store.epoch_boundaries(), "float64"),
                 "epoch_exact": self._store.meta["config"].get("checkpoint_every") == "epoch",
                 "train": pack(train), "labels": pack(self.train.label_of(train))}
 
     def self_influence(self, progress=False) -> np.ndarray:
         """Self-influence of every training sample (cached; NaN for untracked samples)."""
-        s = self._need_store()
         if self._self_influence is None:
-            self._self_influence = s.self_influence(self.model, self.train.as_dataset(), self.query_mode,
-                                                    progress=progress)
+            self._self_influence = self._ask("self_influence", self._train_data, operation="self_dot",
+                                             progress=progress)
         return self._self_influence
 
     def _handle_self_influence(self, offset: int = 0, limit: int = 40, order: str = "desc", train_class=None,
@@ -304,20 +362,20 @@ class Explorer(anywidget.AnyWidget):
         page = ranked[int(offset):int(offset) + max(0, min(int(limit), 500))]
         finite = values[~np.isnan(values)]
         return {"total": int(len(ranked)), "offset": int(offset), "order": order,
+                "mode": self.mode_for("self_dot"),
                 "range": pack(np.array([finite.min(), finite.max()] if finite.size else [0.0, 0.0]), "float64"),
                 **self._cards(page, values[page])}
 
     def class_matrix(self, progress=False):
-        s = self._need_store()
         if self._class_matrix is None:
             x, y = self.test.all()
-            self._class_matrix = s.class_matrix(self.model, self.train.labels, x, y, self.query_mode,
-                                                progress=progress)
+            self._class_matrix = self._ask("class_matrix", self.train.labels, x, y, progress=progress)
         return self._class_matrix
 
     def _handle_class_matrix(self, progress=None) -> dict:
         cm = self.class_matrix(progress=progress)
-        return {"train_classes": pack(cm.train_classes), "test_classes": pack(cm.test_classes),
+        return {"mode": self.mode_for(), "train_classes": pack(cm.train_classes),
+                "test_classes": pack(cm.test_classes),
                 "mean": pack(cm.mean, "float64"), "counts": pack(cm.counts, "float64")}
 
     # -- live mode ----------------------------------------------------------------------------
@@ -352,10 +410,14 @@ class Explorer(anywidget.AnyWidget):
         self._live.on_tracker_step(tracker)
 
 
-def _packed_view(samples: Samples, ids) -> dict:
-    view = samples.view(ids)
+def packed_view(samples: Samples, ids, stats=None) -> dict:
+    """``samples.view(ids)`` as the front end takes it: arrays packed (thumbnails, feature rows), texts as they are."""
+    view = samples.view(ids, stats)
     if "thumbs" in view:
         return {"thumbs": pack(view["thumbs"], "uint8")}
+    if "features" in view:
+        return {"features": pack(view["features"], "float64"), "salient": pack(view["salient"], "int32"),
+                "z": pack(view["z"], "float32")}
     return view
 
 
@@ -365,8 +427,10 @@ def explore(store, model, test_data, train_data, **kwargs) -> Explorer:
     ``store``: an open :class:`~hydra_nb.Store` or the path of one (the path may not hold a run yet:
     live mode waits for it). ``model``: the architecture queries run (parameters come from the
     store). ``test_data``/``train_data``: ``(inputs, targets)`` tensors, ``(texts, targets)`` with
-    ``encode=``, or torch Datasets of ``(x, y)`` (see ``hydra_nb.data``). Options: ``k``
-    (cards per group, default 10), ``class_names``, ``encode`` (strings → model inputs),
-    ``test_display``/``train_display`` (strings to show), ``loss_fn``, ``mode`` ("fast"/"exact").
+    ``encode=``, or torch Datasets of ``(x, y)`` (see ``hydra_nb.data``); pandas DataFrames/Series too.
+    Options: ``k`` (cards per group, default 10), ``class_names``, ``encode`` (strings → model inputs),
+    ``test_display``/``train_display`` (strings to show), ``feature_names`` (names of the columns of feature
+    rows; a DataFrame's columns by default), ``loss_fn``, ``mode`` (None: each view answers in the most exact
+    mode the store gives, ``MODE_PREFERENCE``; "fast"/"exact" for every view). Each view says its mode.
     """
     return Explorer(store, model, test_data, train_data, **kwargs)

@@ -23,13 +23,13 @@ import time
 import warnings
 
 import numpy as np
-import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from ..errors import StoreError
 from ..query import open_store
 from ..store import read_meta
-from .wire import pack
+from ..data import predicted_classes
+from .explorer import packed_view
 
 
 class LiveFeed:
@@ -124,16 +124,17 @@ class LiveFeed:
         items = []
         if pinned:
             x, y = ex.test.batch(pinned)
-            top = store.top_k(ex.model, x, y, k=self.k, mode=ex.query_mode, progress=False)
+            top = ex._ask("top_k", x, y, k=self.k, progress=False)
             pred = _predict(ex, x)
             for r, j in enumerate(pinned):
                 item = {"test": int(j), "label": int(ex.test.label_of([j])[0]), "predicted": int(pred[r])}
-                item.update(_view(ex.test, [j], single=True))
+                item.update(packed_view(ex.test, [j], ex._feature_stats))
                 item["helpful"] = ex._cards(top.helpful_indices[r], top.helpful_scores[r])
                 item["harmful"] = ex._cards(top.harmful_indices[r], top.harmful_scores[r])
                 items.append(item)
         self.pushes += 1
         self._items = items
+        self._mode = ex.mode_for()
         self._checkpoint_step = int(store.steps)
         self._status = store.status
         self._publish(final=final)
@@ -143,19 +144,10 @@ class LiveFeed:
         state = {"active": not final, "step": int(self.steps), "every": self.every,
                  "checkpoint_step": getattr(self, "_checkpoint_step", None),
                  "status": getattr(self, "_status", None), "note": note, "updates": self.pushes,
+                 "mode": getattr(self, "_mode", None),
                  "time": time.time(), "items": items}
         self.explorer.live_state = state
 
 
 def _predict(ex, x) -> np.ndarray:
-    m = ex._model_at_checkpoint()
-    with torch.no_grad():
-        out = m(x)
-    return out.argmax(1).cpu().numpy() if out.ndim == 2 and out.shape[1] > 1 else np.full(len(x), -1)
-
-
-def _view(samples, ids, single=False) -> dict:
-    view = samples.view(ids)
-    if "thumbs" in view:
-        return {"thumbs": pack(view["thumbs"], "uint8")}
-    return view
+    return predicted_classes(ex._model_at_checkpoint(), x)

@@ -11,6 +11,24 @@ export function score(x) {
   return (x < 0 ? "\u2212" : "+") + s;
 }
 
+/** A feature value in a few characters, as Python's data.short_number: 17.99 → 18, 0.1184 → 0.118,
+ * 1001.5 → 1002, 3 → 3, 123456 → 1.2e+5. */
+export function num(x) {
+  if (x === null || x === undefined || Number.isNaN(x)) return "n/a";
+  if (!Number.isFinite(x)) return String(x);
+  const a = Math.abs(x);
+  if (Number.isInteger(x) && a < 1e5) return String(x);
+  if (a >= 1e5 || a < 1e-3) return x.toExponential(1);
+  if (a >= 100) return String(Math.round(x));
+  return String(Number(x.toPrecision(3)));
+}
+
+/** `text` in at most `max` characters: cut with an ellipsis (the caller puts the whole text in a tooltip). */
+export function abbreviate(text, max) {
+  const s = String(text);
+  return s.length <= max ? s : `${s.slice(0, Math.max(1, max - 1))}\u2026`;
+}
+
 /** The name of class c: class_names[c] if given, else the number. */
 export function className(info, c) {
   if (c === null || c === undefined || c < 0) return "?";

@@ -1,6 +1,9 @@
 // The class-by-class heatmap: mean contribution of training class (rows) to test class (columns).
 // Green: that training class lowered the test class's loss on average; red: raised it.
-import { el, score } from "./format.js";
+import { abbreviate, el, score } from "./format.js";
+
+const CHAR = 6.2;       // px per character of a 10px tick label (estimated: text is laid out only once on screen)
+const MAX_LABEL = 14;   // characters of a class label before it is cut with an ellipsis (its tooltip has it whole)
 
 const SVG = "http://www.w3.org/2000/svg";
 
@@ -23,15 +26,23 @@ export function divergingColor(v, max) {
 /**
  * rows/cols: class labels (strings), values: Float64Array rows*cols (row-major), counts likewise.
  * onCell(r, c, value) is called on click. Returns <div data-testid="hydra-heatmap">.
+ * Labels never collide: cells shrink to fit 2 to 100 classes (at least 12 px), long labels are cut
+ * (the whole label in a tooltip), and column labels turn when they are wider than their cell: slanted, or
+ * upright once cells are narrow; the margins grow to hold them.
  */
-export function heatmap(doc, { rows, cols, values, counts, onCell, cell = 30 }) {
-  const m = { left: 70, top: 44, right: 90, bottom: 10 };
+export function heatmap(doc, { rows, cols, values, counts, onCell, cell }) {
+  cell = cell ?? Math.max(12, Math.min(30, Math.floor(640 / Math.max(1, cols.length, rows.length))));
+  const widthOf = (labels) => Math.max(0, ...labels.map((t) => abbreviate(t, MAX_LABEL).length)) * CHAR;
+  const colWidth = widthOf(cols);
+  const turn = colWidth <= cell - 4 ? 0 : cell >= 20 ? -45 : -90;
+  const colHeight = turn === 0 ? 12 : turn === -45 ? colWidth * Math.SQRT1_2 + 8 : colWidth;
+  const m = { left: 26 + widthOf(rows) + 8, top: 22 + colHeight + 6, right: 90, bottom: 10 };
   const width = m.left + cols.length * cell + m.right;
   const height = m.top + rows.length * cell + m.bottom;
   let max = 0;
   for (const v of values) if (Number.isFinite(v)) max = Math.max(max, Math.abs(v));
   const root = el(doc, "div", { className: "hydra-heatmap", "data-testid": "hydra-heatmap",
-    "data-rows": rows.length, "data-cols": cols.length });
+    "data-rows": rows.length, "data-cols": cols.length, "data-turn": turn });
   const s = svg(doc, "svg", { width, height, viewBox: `0 0 ${width} ${height}`, role: "img",
     "aria-label": "mean contribution of each training class to each test class" });
   const detail = el(doc, "div", { className: "hydra-heatmap-detail", "data-testid": "hydra-heatmap-detail",
@@ -44,17 +55,23 @@ export function heatmap(doc, { rows, cols, values, counts, onCell, cell = 30 }) 
     class: "hydra-axis-label", transform: `rotate(-90 12 ${m.top + (rows.length * cell) / 2})` });
   side.textContent = "training class \u2192";
   s.append(side);
+  const label = (text, attrs) => {  // <g><title>whole label</title><text>cut label</text></g>
+    const g = svg(doc, "g", { class: "hydra-label" });
+    const tip = svg(doc, "title", {});
+    tip.textContent = text;
+    const t = svg(doc, "text", { class: "hydra-tick", "data-testid": "hydra-heatmap-label", ...attrs });
+    t.textContent = abbreviate(text, MAX_LABEL);
+    g.append(tip, t);
+    s.append(g);
+  };
   cols.forEach((c, j) => {
-    const t = svg(doc, "text", { x: m.left + j * cell + cell / 2, y: m.top - 6, "text-anchor": "middle",
-      class: "hydra-tick" });
-    t.textContent = c;
-    s.append(t);
+    const x = m.left + j * cell + cell / 2;
+    const y = m.top - 6;
+    if (turn === 0) label(c, { x, y, "text-anchor": "middle" });
+    else label(c, { x: x + 3, y, "text-anchor": "start", transform: `rotate(${turn} ${x + 3} ${y})` });
   });
   rows.forEach((r, i) => {
-    const t = svg(doc, "text", { x: m.left - 6, y: m.top + i * cell + cell / 2 + 4, "text-anchor": "end",
-      class: "hydra-tick" });
-    t.textContent = r;
-    s.append(t);
+    label(r, { x: m.left - 6, y: m.top + i * cell + cell / 2 + 4, "text-anchor": "end" });
     cols.forEach((c, j) => {
       const v = values[i * cols.length + j];
       const rect = svg(doc, "rect", { x: m.left + j * cell, y: m.top + i * cell, width: cell - 1,

@@ -1,5 +1,6 @@
 // Thumbnails from raw uint8 pixels (n, H, W, C), C = 1 or 3, drawn on canvases: no PNG encoding
-// on either side, and only the images of the cards shown ever travel.
+// on either side, and only the images of the cards shown ever travel. Feature rows as small tables.
+import { el, num } from "./format.js";
 
 /** RGBA bytes of image i of a uint8 array shaped (n, H, W, C). */
 export function rgba(thumbs, i) {
@@ -38,11 +39,43 @@ export function thumbCanvas(doc, thumbs, i, size = 56) {
   return canvas;
 }
 
-/** The visual of sample i of a card payload: a canvas for images, a text block otherwise. */
-export function sampleVisual(doc, payload, i, size) {
+/**
+ * A feature row as a compact aligned table: the row's most unusual features first (payload.salient: column
+ * order, payload.z: their z-scores against the training data), name · value · z, one line each; the whole row
+ * on hover (the table's title). `names`: the feature names (the explorer's info.feature_names).
+ */
+export function featureTable(doc, payload, i, names = []) {
+  const [, width] = payload.features.shape;
+  const row = payload.features.data.subarray(i * width, (i + 1) * width);
+  const name = (c) => (names && names[c] !== undefined ? String(names[c]) : `x${c}`);
+  const table = el(doc, "div", { className: "hydra-features", "data-testid": "hydra-features" });
+  const [, k] = payload.salient.shape;
+  for (let r = 0; r < k; r++) {
+    const c = payload.salient.data[i * k + r];
+    const z = payload.z.data[i * k + r];
+    table.append(
+      el(doc, "span", { className: "hydra-feature-name", text: name(c), title: name(c) }),
+      el(doc, "span", { className: "hydra-feature-value", text: num(row[c]) }),
+      el(doc, "span", { className: "hydra-feature-z", text: `${z >= 0 ? "+" : "\u2212"}${Math.abs(z).toFixed(1)}\u03c3`,
+        title: "how unusual: standard deviations from the training data's mean" }));
+  }
+  const shown = Math.min(width, FULL_ROW_MAX);
+  const lines = [];
+  for (let c = 0; c < shown; c++) lines.push(`${name(c)} = ${num(row[c])}`);
+  if (width > shown) lines.push(`\u2026 ${width - shown} more features`);
+  table.title = lines.join("\n");
+  return table;
+}
+
+const FULL_ROW_MAX = 60;  // features listed in a row's tooltip
+
+/** The visual of sample i of a card payload: a canvas for images, a feature table for rows, else a text block. */
+export function sampleVisual(doc, payload, i, size, { names } = {}) {
   if (payload.thumbs) return thumbCanvas(doc, payload.thumbs, i, size);
+  if (payload.features) return featureTable(doc, payload, i, names);
   const div = doc.createElement("div");
   div.className = "hydra-text";
   div.textContent = payload.texts ? payload.texts[i] : "";
+  if (payload.texts) div.title = payload.texts[i];
   return div;
 }

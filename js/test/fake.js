@@ -70,9 +70,22 @@ export class FakeModel {
 export const flush = async (n = 5) => { for (let i = 0; i < n; i++) await new Promise((r) => setTimeout(r, 0)); };
 
 // -- the Python side: Explorer._handle_* answers on a 100-sample test set, 500 training samples ----
+export const MODES = {
+  fast: { label: "fast estimate", note: "fast estimate: may disagree with exact at large learning rates",
+    figure: "Measured: rankings decorrelate at lr 0.05.", source: "benchmarks/RESULTS.md, \u201cApproximation error\u201d" },
+  exact: { label: "exact", note: "exact: the derivative of this training run" },
+};
 export const INFO = { test_kind: "image", train_kind: "image", n_test: 100, n_train: 500, train_classes: [0, 1, 2],
-  test_classes: [0, 1, 2], class_names: null, path: "runs/a.zarr",
+  test_classes: [0, 1, 2], class_names: null, path: "runs/a.zarr", feature_names: null, modes: MODES,
   store: { path: "runs/a.zarr", status: "complete", mode: "fast", steps: 90, checkpoints: 3, n_tracked: 500, n_train: 500 } };
+
+/** A feature-row payload (as Explorer._cards sends for tabular data): rows of 5 features, 4 salient each. */
+export const rows = (ids) => ({
+  features: packed("float64", [ids.length, 5], ids.flatMap((i) => [i, 17.99, 0.1184, 1001, -3])),
+  salient: packed("int32", [ids.length, 4], ids.flatMap(() => [3, 1, 4, 2])),
+  z: packed("float32", [ids.length, 4], ids.flatMap(() => [2.5, -1.25, 0.5, 0])),
+});
+export const FEATURES = ["mean radius", "mean texture", "mean smoothness", "worst area", "a very long feature name"];
 
 export const thumbs = (n) => packed("uint8", [n, 2, 2, 1], new Array(4 * n).fill(0).map((_, i) => i % 255));
 export const cards = (ids, scores) => ({ indices: packed("int32", [ids.length], ids),
@@ -97,18 +110,18 @@ export function python() {
       const groups = p.sort === "both"
         ? { helpful: top([5, 6, 7], [3, 2, 1]), harmful: top([8, 9, 10], [-3, -2, -1]) }
         : { [p.sort]: top([5, 8], [3, -2.5]) };
-      return { test: p.test, label: 1, predicted: 2, candidates: 500, step: 90, groups };
+      return { test: p.test, label: 1, predicted: 2, candidates: 500, step: 90, mode: "fast", groups };
     },
     trajectory: (p) => {
       calls.push(["trajectory", p]);
       const m = p.train.length;
-      return { test: p.test, steps: packed("float64", [3], [0, 45, 90]),
+      return { test: p.test, mode: "fast", steps: packed("float64", [3], [0, 45, 90]),
         values: packed("float64", [3, m], new Array(3 * m).fill(0).map((_, i) => i)), epochs: packed("float64", [2], [45, 90]),
         epoch_exact: true, train: packed("int32", [m], p.train), labels: packed("int32", [m], p.train.map((i) => i % 3)) };
     },
-    self_influence: (p) => { calls.push(["self_influence", p]); return { total: 500, offset: p.offset, order: p.order,
+    self_influence: (p) => { calls.push(["self_influence", p]); return { total: 500, offset: p.offset, order: p.order, mode: "fast",
       range: packed("float64", [2], [-1, 9]), ...cards([3, 1, 4], [9, 5, 1]) }; },
-    class_matrix: () => { calls.push(["class_matrix"]); return { train_classes: packed("int32", [3], [0, 1, 2]),
+    class_matrix: () => { calls.push(["class_matrix"]); return { mode: "exact", train_classes: packed("int32", [3], [0, 1, 2]),
       test_classes: packed("int32", [3], [0, 1, 2]), mean: packed("float64", [3, 3], [1, -1, 0, 0, 2, -2, 0.5, 0, 1]),
       counts: packed("float64", [3, 3], new Array(9).fill(10)) }; },
   };

@@ -1,4 +1,5 @@
-"""The explorer in a real JupyterLab and Chromium: it renders real content and answers clicks.
+"""The explorer in a real JupyterLab and Chromium: it renders real content and answers clicks, lays its labels out
+without overlaps and colours each group as specified.
 
 One notebook (``notebooks/explorer.ipynb``) trains a small CNN on the digits under
 ``hydra_nb.track`` (a few seconds) and displays ``hydra_nb.explore(...)``; the live notebook shows an
@@ -7,12 +8,10 @@ explorer created before a ``%%hydra_track`` cell and checks that rankings arrive
 
 from __future__ import annotations
 
-import os
-import shutil
-
 import pytest
 
-from .conftest import REPO, open_notebook
+from .conftest import border_colours, cut_texts, open_notebook, publish_screenshot, text_overlaps
+from .test_tabular_browser import BAD, GOOD, LABELS, SUSPECT
 
 
 def _shot(page, screenshots, name, locator=None):
@@ -47,6 +46,7 @@ def test_gallery_cards_trajectory(explorer_page, screenshots):
     assert _canvas_has_ink(page, "[data-testid=hydra-gallery-item] canvas")
     label = items.first.inner_text()
     assert "\u2192" in label  # true → predicted
+    assert cut_texts(page, ".hydra-gallery-label") == []
     _shot(page, screenshots, "01-gallery")
 
     # pick a misclassified digit if there is one: the interesting case
@@ -65,6 +65,11 @@ def test_gallery_cards_trajectory(explorer_page, screenshots):
     assert float(harmful.first.get_attribute("data-score")) < 0
     assert _canvas_has_ink(page, "[data-testid=hydra-card] canvas")
     assert page.locator("[data-testid=hydra-selected]").inner_text().startswith(f"Test sample #{index}")
+    assert border_colours(page, "[data-testid=hydra-card][data-group=helpful]") == {GOOD}
+    assert border_colours(page, "[data-testid=hydra-card][data-group=harmful]") == {BAD}
+    count, bad = text_overlaps(page, LABELS)
+    assert count > 80 and bad == [], bad[:5]
+    assert page.locator(".hydra-rankings-view [data-testid=hydra-mode]").get_attribute("data-mode") == "fast"
 
     # click two cards: their trajectories on one chart
     helpful.first.click()
@@ -84,8 +89,7 @@ def test_gallery_cards_trajectory(explorer_page, screenshots):
     readout = page.locator("[data-testid=hydra-readout]").inner_text()
     assert readout.count("#") == 2
     shot = _shot(page, screenshots, "02-cards-trajectory", page.locator("[data-testid=hydra-explorer]"))
-    if os.environ.get("HYDRA_UPDATE_DOCS") == "1":
-        shutil.copy(shot, REPO / "docs" / "explorer.png")
+    publish_screenshot(shot, "explorer.png")
 
     # sorting and k: absolute ranking, k = 5
     page.select_option("[data-testid=hydra-sort]", "absolute")
@@ -112,6 +116,7 @@ def test_self_influence_and_heatmap(explorer_page, screenshots):
     assert cards.count() == 40  # the first page of 1,438, ranked
     vals = [float(cards.nth(i).get_attribute("data-score")) for i in range(10)]
     assert vals == sorted(vals, reverse=True)
+    assert border_colours(page, "[data-testid=hydra-self-card]:not(.hydra-card--plain)") == {SUSPECT}
     assert _canvas_has_ink(page, "[data-testid=hydra-self-card] canvas")
 
     heat = page.wait_for_selector("[data-testid=hydra-heatmap]", timeout=120_000)
@@ -124,6 +129,8 @@ def test_self_influence_and_heatmap(explorer_page, screenshots):
     diag = [float(cells.nth(i * 11).get_attribute("data-value")) for i in range(10)]
     assert sum(v > 0 for v in diag) >= 8
     # click a cell: detail text, and the self-influence list filtered to that training class
+    count, bad = text_overlaps(page, LABELS)
+    assert count > 60 and bad == [], bad[:5]
     cells.nth(2 * 10 + 7).click()
     detail = page.locator("[data-testid=hydra-heatmap-detail]").inner_text()
     assert "training class 2" in detail and "test class 7" in detail
@@ -155,6 +162,24 @@ def test_live_rankings_while_the_cell_runs(browser, lab, screenshots):
             return t && t.textContent.startsWith('Training cell finished');
         }""", timeout=180_000)
         assert page.locator("[data-testid=hydra-live-card]").count() == 2 * 2 * 5
+        # the magic's progress bar (it appears once the cell has run a second): in a narrow window too, all its
+        # text stays inside the output area (it wraps), none of it cut off
+        page.set_viewport_size({"width": 640, "height": 1400})
+        page.wait_for_timeout(500)  # JupyterLab lays itself out again
+        bar = page.evaluate("""() => {
+            const box = [...document.querySelectorAll('.jp-OutputArea-output .widget-hbox')]
+                .find((b) => b.textContent.includes('hydra_track'));
+            if (!box) return null;
+            const text = box.lastElementChild, area = box.closest('.jp-OutputArea-output');
+            const t = text.getBoundingClientRect(), a = area.getBoundingClientRect();
+            return { text: text.textContent, right: t.right, areaRight: a.right, sh: text.scrollHeight,
+                     ch: text.clientHeight, sw: text.scrollWidth, cw: text.clientWidth };
+        }""")
+        page.set_viewport_size({"width": 1700, "height": 1400})
+        assert bar is not None, "no progress bar for a cell of several seconds"
+        assert "samples/s" in bar["text"] and "written" in bar["text"], bar
+        assert bar["right"] <= bar["areaRight"] + 1, f"the progress text runs past the output area: {bar}"
+        assert bar["sh"] <= bar["ch"] + 1 and bar["sw"] <= bar["cw"] + 1, f"the progress text is cut: {bar}"
         # after the cell the explorer answers requests again
         page.locator("[data-testid=hydra-gallery-item]").nth(2).click()
         page.wait_for_selector("[data-testid=hydra-card]", timeout=120_000)

@@ -4,6 +4,7 @@
 // the views that answer from the store load again.
 import { card } from "../cards.js";
 import { sampleVisual } from "../images.js";
+import { showMode } from "../mode.js";
 import { decode } from "../wire.js";
 
 export function create(ctx) {
@@ -21,10 +22,15 @@ export function create(ctx) {
       ? `Live: step ${st.step}` + (st.checkpoint_step !== null && st.checkpoint_step !== undefined ? ` \u00b7 rankings at checkpoint step ${st.checkpoint_step}` : "")
       : `Training cell finished at step ${st.step}: rankings below are final; the views above answer again.`;
     el.append(E("div", { className: "hydra-panel-title" }, [E("span", { text: head + (st.note ? ` \u00b7 ${st.note}` : "") })]));
+    if (st.mode) {
+      const modeBox = E("div", { className: "hydra-mode-box" });
+      showMode(ctx, modeBox, st.mode);
+      el.append(modeBox);
+    }
     for (const item of st.items || []) {
       const block = E("div", { className: "hydra-live-item", "data-testid": "hydra-live-item", "data-test": item.test });
-      block.append(E("div", { className: "hydra-live-test" }, [sampleVisual(ctx.doc, item, 0, 44),
-        E("div", { text: `#${item.test}: ${ctx.name(item.label)}\u2192${ctx.name(item.predicted)}` })]));
+      block.append(E("div", { className: "hydra-live-test" }, [sampleVisual(ctx.doc, item, 0, 44, { names: ctx.info().feature_names }),
+        E("div", { className: "hydra-live-label", text: `#${item.test}: ${ctx.name(item.label)}\u2192${ctx.name(item.predicted)}` })]));
       for (const group of ["helpful", "harmful"]) {
         const payload = item[group];
         const row = E("div", { className: "hydra-card-row hydra-live-row", "data-group": group });

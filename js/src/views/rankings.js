@@ -4,6 +4,8 @@
 // Python can set them too. A click on a card puts it on the trajectory chart (links.compare).
 import { card, fillClassSelect } from "../cards.js";
 import { PALETTE } from "../chart.js";
+import { sampleVisual } from "../images.js";
+import { showMode } from "../mode.js";
 import { busy, done, fail, progress } from "../status.js";
 
 const SORT_LABELS = { both: "helpful & harmful", helpful: "most helpful", harmful: "most harmful",
@@ -20,6 +22,7 @@ export function create(ctx) {
   const classSel = E("select", { className: "hydra-select", "data-testid": "hydra-class-filter" });
   const pinBtn = E("button", { className: "hydra-button", "data-testid": "hydra-pin", text: "Pin for live" });
   const status = E("div", { className: "hydra-status", "data-testid": "hydra-cards-status" });
+  const modeBox = E("div", { className: "hydra-mode-box" });
   const cards = E("div", { className: "hydra-cards", "data-testid": "hydra-cards" });
   // display: contents; the detail panel lays these out next to the trajectory view's parts
   const el = E("div", { className: "hydra-rankings-view" }, [
@@ -27,7 +30,7 @@ export function create(ctx) {
     E("div", { className: "hydra-controls" }, [
       E("label", {}, ["Show ", sortSel]), E("label", {}, ["k ", kInput]),
       E("label", {}, ["training class ", classSel]), pinBtn]),
-    status, cards]);
+    status, modeBox, cards]);
 
   const slot = ctx.slot();
 
@@ -41,6 +44,7 @@ export function create(ctx) {
       slot.abort();
       selectedBox.textContent = "Pick a test sample on the left.";
       cards.textContent = "";
+      modeBox.textContent = "";
       return;
     }
     busy(status, "Computing contributions\u2026");
@@ -62,6 +66,7 @@ export function create(ctx) {
         done(status, `top ${ctx.get("k")} of ${r.candidates.toLocaleString()} training samples` +
           (ctx.get("train_class") !== null ? ` of class ${ctx.name(ctx.get("train_class"))}` : "") +
           ` at step ${r.step}`);
+        showMode(ctx, modeBox, r.mode);
         markCompared();
       },
       onError: fail(status),
@@ -76,7 +81,12 @@ export function create(ctx) {
       E("div", { className: "hydra-selected-title", text: `Test sample #${r.test}` }),
       E("div", { className: wrong ? "hydra-wrong" : "",
         text: `true ${ctx.name(r.label)} \u00b7 predicted ${r.predicted >= 0 ? ctx.name(r.predicted) : "n/a"}` })]));
-    // the test sample's own picture comes from the gallery page already on screen, if there
+    // a feature row or a text comes with the answer; a picture from the gallery page already on screen, if there
+    if (r.test_view) {
+      visual.append(sampleVisual(ctx.doc, r.test_view, 0, 88, { names: ctx.info().feature_names }));
+      pinBtn.textContent = (ctx.get("pinned") || []).includes(r.test) ? "Unpin" : "Pin for live";
+      return;
+    }
     const item = ctx.links.testVisual(r.test);
     if (item) {
       const copy = item.cloneNode(true);

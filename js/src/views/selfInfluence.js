@@ -3,6 +3,7 @@
 // and optionally of one training class. The class matrix picks the class too (showClass).
 import { card, fillClassSelect } from "../cards.js";
 import { score } from "../format.js";
+import { showMode } from "../mode.js";
 import { busy, done, fail, progress } from "../status.js";
 
 const PAGE = 40;
@@ -14,14 +15,15 @@ export function create(ctx) {
   for (const [v, label] of ORDERS) order.append(E("option", { value: v, text: label }));
   const classSel = E("select", { className: "hydra-select", "data-testid": "hydra-si-class" });
   const status = E("div", { className: "hydra-status" });
+  const modeBox = E("div", { className: "hydra-mode-box" });
   const list = E("div", { className: "hydra-cards hydra-si-list", "data-testid": "hydra-self-influence" });
   const more = E("button", { className: "hydra-button", text: "More" });
   const count = E("div", { className: "hydra-muted" });
   const el = E("div", { className: "hydra-panel" }, [
     E("div", { className: "hydra-panel-title" }, [E("span", {
-      text: "Self-influence: each sample's contribution to its own loss (high = memorised, often mislabelled)" })]),
+      text: "Self-influence: each sample's contribution to its own loss (high = memorised, often mislabelled; amber: suspects)" })]),
     E("div", { className: "hydra-controls" }, [E("label", {}, ["order ", order]), E("label", {}, ["class ", classSel])]),
-    status, list, E("div", { className: "hydra-row" }, [count, more])]);
+    status, modeBox, list, E("div", { className: "hydra-row" }, [count, more])]);
 
   const slot = ctx.slot();
   let offset = 0;
@@ -44,6 +46,7 @@ export function create(ctx) {
         count.textContent = `${offset} of ${page.total.toLocaleString()}`;
         more.disabled = offset >= page.total;
         done(status, `range ${score(page.range.data[0])} \u2026 ${score(page.range.data[1])}`);
+        showMode(ctx, modeBox, page.mode);
       },
       onError: fail(status),
     });

@@ -1,6 +1,7 @@
 // The trajectory chart ↔ Explorer._handle_trajectory: how the contribution of each compared training
 // sample (`compared`, up to 10) to the selected test sample built up, checkpoint by checkpoint.
 import { PALETTE, trajectoryChart } from "../chart.js";
+import { showMode } from "../mode.js";
 import { busy, done, fail, progress } from "../status.js";
 
 const MAX_COMPARED = 10;
@@ -8,12 +9,13 @@ const MAX_COMPARED = 10;
 export function create(ctx) {
   const { E } = ctx;
   const status = E("div", { className: "hydra-status" });
+  const modeBox = E("div", { className: "hydra-mode-box" });
   const box = E("div", { className: "hydra-trajectory-box", "data-testid": "hydra-trajectory-box" });
   // display: contents; the detail panel lays these out below the ranking cards
   const el = E("div", { className: "hydra-trajectory-view" }, [
     E("div", { className: "hydra-panel-title" }, [E("span", {
       text: "Contribution over training (click cards to compare)" })]),
-    status, box]);
+    status, modeBox, box]);
 
   const slot = ctx.slot();
 
@@ -23,6 +25,7 @@ export function create(ctx) {
     if (test < 0 || !train.length) {
       slot.abort();
       box.textContent = "";
+      modeBox.textContent = "";
       done(status, "Click one or more cards to see how their contribution built up over training.");
       return;
     }
@@ -41,6 +44,7 @@ export function create(ctx) {
         box.append(trajectoryChart(ctx.doc, { steps, series, epochs: Array.from(t.epochs.data),
           epochExact: t.epoch_exact, title: `contributions to test sample #${t.test}` }));
         done(status, `test sample #${t.test}: contribution if training had stopped at each checkpoint; dashed lines: epoch ends`);
+        showMode(ctx, modeBox, t.mode);
       },
       onError: fail(status),
     });

@@ -24,6 +24,9 @@ describe("class matrix view", () => {
     cells[5].dispatchEvent(new Event("click"));  // row 1, column 2
     expect(linked).toEqual([["showSelfInfluence", 1]]);
     expect(view.el.querySelector(".hydra-status").textContent).toContain("green");
+    const mode = view.el.querySelector("[data-testid=hydra-mode]");
+    expect(mode.dataset.mode).toBe("exact");
+    expect(mode.querySelector("[data-testid=hydra-mode-link]")).toBe(null);  // nothing estimated, no caveat
   });
 
   it("refresh() asks again, and only the latest answer is drawn", async () => {

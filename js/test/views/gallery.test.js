@@ -1,6 +1,6 @@
 import { describe, expect, it } from "vitest";
 import { create } from "../../src/views/gallery.js";
-import { INFO, fakeContext, flush, hold, python } from "../fake.js";
+import { FEATURES, INFO, fakeContext, flush, hold, packed, python, rows } from "../fake.js";
 
 function setup(state, opts) {
   const f = fakeContext(state, opts);
@@ -58,6 +58,41 @@ describe("gallery view", () => {
     model.set("info", { ...INFO, test_classes: [1, 4], class_names: ["a", "b", "c", "d", "e"] });
     expect([...filter.options].map((o) => o.textContent)).toEqual(["all", "misclassified", "class b", "class e"]);
     expect(filter.value).toBe("class:1");  // the chosen filter stays
+  });
+
+  it("tiles without pictures show the index and true\u2192predicted on one line, the whole of it on hover", async () => {
+    const py = python();
+    py.handlers.gallery = (p) => ({ total: 2, offset: 0, indices: packed("int32", [2], [12, 13]),
+      labels: packed("int32", [2], [0, 1]), predicted: packed("int32", [2], [1, 1]), ...rows([12, 13]) });
+    const info = { ...INFO, test_kind: "tabular", feature_names: FEATURES, class_names: ["malignant", "benign"] };
+    const { view, model } = setup({ info }, { py });
+    view.refresh();
+    await flush();
+    const tile = items(view)[0];
+    expect(tile.classList.contains("is-textual")).toBe(true);
+    expect(tile.querySelector(".hydra-gallery-index").textContent).toBe("#12");
+    expect(tile.querySelector(".hydra-gallery-label").textContent).toBe("malignant\u2192benign");  // fits: whole
+    expect(tile.querySelector("[data-testid=hydra-features]")).toBe(null);  // no table squeezed into a tile
+    expect(tile.title).toBe("test sample #12: true malignant, predicted benign\nmean radius = 12\nmean texture = 18\n" +
+      "mean smoothness = 0.118\nworst area = 1001\na very long feature name = -3");
+    expect(view.visualOf(12)).toBe(null);  // no picture to borrow: the rankings answer carries the row
+    py.handlers.gallery = (p) => ({ total: 1, offset: 0, indices: packed("int32", [1], [3]),
+      labels: packed("int32", [1], [0]), predicted: packed("int32", [1], [-1]), texts: ["a long review ".repeat(9)] });
+    view.refresh();
+    await flush();
+    expect(items(view)[0].querySelector(".hydra-gallery-snippet").textContent).toContain("a long review");
+    expect(items(view)[0].querySelector(".hydra-gallery-label").textContent).toBe("malignant");  // no prediction
+    const long = { ...info, class_names: ["malignant tumour", "benign tumour"] };
+    model.set("info", long);
+    view.refresh();
+    await flush();
+    // too long for the line: each name cut to half of it, so that both stay in sight
+    expect(items(view)[0].title).toBe("test sample #3: true malignant tumour");
+    py.handlers.gallery = (p) => ({ total: 1, offset: 0, indices: packed("int32", [1], [4]),
+      labels: packed("int32", [1], [0]), predicted: packed("int32", [1], [1]), ...rows([4]) });
+    view.refresh();
+    await flush();
+    expect(items(view)[0].querySelector(".hydra-gallery-label").textContent).toBe("maligna\u2026\u2192benign \u2026");
   });
 
   it("shows Python's error", async () => {

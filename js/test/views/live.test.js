@@ -31,6 +31,9 @@ describe("live view", () => {
     expect(view.el.querySelector("[data-testid=hydra-live-card][data-group=harmful]").dataset.score).toBe("-1");
     expect(model.sent).toEqual([]);
     expect(linked).toEqual([]);
+    expect(view.el.querySelector("[data-testid=hydra-mode]")).toBe(null);  // the push named no mode
+    model.set("live_state", { ...pushed(true, 330), mode: "fast" });
+    expect(view.el.querySelector("[data-testid=hydra-mode]").dataset.mode).toBe("fast");
   });
 
   it("tells the other views when the training cell finished", () => {

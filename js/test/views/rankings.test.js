@@ -1,6 +1,6 @@
 import { describe, expect, it } from "vitest";
 import { create } from "../../src/views/rankings.js";
-import { fakeContext, flush, hold, python } from "../fake.js";
+import { FEATURES, INFO, fakeContext, flush, hold, python, rows } from "../fake.js";
 
 function setup(state, opts) {
   const f = fakeContext(state, opts);
@@ -37,6 +37,40 @@ describe("rankings view", () => {
     expect(selected.querySelector("canvas")).not.toBe(null);
     expect(view.el.querySelector("[data-testid=hydra-cards-status]").textContent)
       .toBe("top 3 of 500 training samples at step 90");
+  });
+
+  it("says which mode its numbers come from, with the measured figure one click away", async () => {
+    const { view } = setup({ selected: 4 });
+    view.refresh();
+    await flush();
+    const mode = view.el.querySelector("[data-testid=hydra-mode]");
+    expect(mode.dataset.mode).toBe("fast");
+    expect(mode.querySelector(".hydra-mode-note").textContent)
+      .toBe("fast estimate: may disagree with exact at large learning rates");
+    const figure = mode.querySelector("[data-testid=hydra-mode-figure]");
+    expect(figure.hidden).toBe(true);
+    mode.querySelector("[data-testid=hydra-mode-link]").click();
+    expect(figure.hidden).toBe(false);
+    expect(figure.textContent).toContain("Source: benchmarks/RESULTS.md");
+  });
+
+  it("feature rows: the cards and the selected sample are named feature tables", async () => {
+    const py = python();
+    const answer = py.handlers.rankings;
+    py.handlers.rankings = (p) => {
+      const r = answer(p);
+      for (const g of Object.values(r.groups)) { delete g.thumbs; Object.assign(g, rows(Array.from(g.indices.data))); }
+      return { ...r, test_view: rows([p.test]) };
+    };
+    const { view, linked } = setup({ selected: 4, info: { ...INFO, test_kind: "tabular", train_kind: "tabular",
+      feature_names: FEATURES } }, { py });
+    view.refresh();
+    await flush();
+    expect(linked).toEqual([]);  // nothing borrowed from the gallery
+    const selected = view.el.querySelector("[data-testid=hydra-selected] [data-testid=hydra-features]");
+    expect(selected.querySelector(".hydra-feature-name").textContent).toBe("worst area");
+    expect(cards(view)[0].classList.contains("hydra-card--row")).toBe(true);
+    expect(cards(view)[0].querySelectorAll(".hydra-feature-name").length).toBe(4);
   });
 
   it("refreshes on selected, k, sort and train_class, which its controls set", async () => {

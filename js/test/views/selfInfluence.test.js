@@ -1,6 +1,6 @@
 import { describe, expect, it } from "vitest";
 import { create } from "../../src/views/selfInfluence.js";
-import { INFO, fakeContext, flush, hold, python } from "../fake.js";
+import { INFO, cards as payload, fakeContext, flush, hold, packed, python } from "../fake.js";
 
 function setup(state, opts) {
   const f = fakeContext(state, opts);
@@ -25,6 +25,18 @@ describe("self-influence view", () => {
     expect(py.calls.at(-1)).toEqual(["self_influence", { offset: 3, limit: 40, order: "desc", train_class: null }]);
     expect(cards(view)[3].querySelector(".hydra-rank").textContent).toBe("4.");
     expect(view.el.querySelector(".hydra-muted").textContent).toBe("6 of 500");
+  });
+
+  it("colours suspects (positive self-influence) amber, never helpful green; says its mode", async () => {
+    const py = python();
+    py.handlers.self_influence = (p) => ({ total: 3, offset: 0, order: p.order, mode: "fast",
+      range: packed("float64", [2], [-1, 9]), ...payload([3, 1, 4], [9, 0.5, -1]) });
+    const { view } = setup({}, { py });
+    view.refresh();
+    await flush();
+    expect([...cards(view)].map((c) => c.className.split(" ")[1])).toEqual(
+      ["hydra-card--suspect", "hydra-card--suspect", "hydra-card--plain"]);
+    expect(view.el.querySelector("[data-testid=hydra-mode]").dataset.mode).toBe("fast");
   });
 
   it("order, class and showClass() start again from the first page", async () => {

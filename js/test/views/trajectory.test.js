@@ -28,6 +28,7 @@ describe("trajectory view", () => {
     expect(chart.dataset.series).toBe("2");
     expect(chart.dataset.points).toBe("3");
     expect(chart.querySelectorAll("line.hydra-epoch").length).toBe(2);
+    expect(view.el.querySelector("[data-testid=hydra-mode]").dataset.mode).toBe("fast");
     expect(chart.querySelector(".hydra-legend").textContent).toContain("#9 (0)");
     expect(status(view).textContent).toContain("test sample #4");
   });
