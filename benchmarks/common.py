@@ -258,12 +258,16 @@ class LoadMeter:
     def start(self) -> None:
         self._stat = _proc_stat_ticks()
         self._times = os.times()
+        self._cpu = time.process_time()
         self._wall = time.perf_counter()
 
     def read(self) -> dict:
         stat, times, wall = _proc_stat_ticks(), os.times(), time.perf_counter() - self._wall
-        own = (times.user - self._times.user) + (times.system - self._times.system)
-        out = {"wall_s": wall, "own_cpu_s": own, "foreign_cpu_share": None, "machine_busy_share": None}
+        own = (times.user - self._times.user) + (times.system - self._times.system)  # clock ticks, like /proc/stat
+        # own_cpu_s: this process's CPU time, all threads, at the clock's resolution (os.times counts 10 ms ticks,
+        # too coarse for a 10 ms epoch); on a loaded machine it moves far less than wall time
+        out = {"wall_s": wall, "own_cpu_s": time.process_time() - self._cpu, "foreign_cpu_share": None,
+               "machine_busy_share": None}
         if stat is not None and self._stat is not None:
             hz = os.sysconf("SC_CLK_TCK")
             busy = (stat[0] - self._stat[0]) / hz

@@ -8,15 +8,16 @@ default, 2 layers, 4 heads):
 
 * what the capture chose for each module (``tracker.capture.owners``): Linear, Embedding and LayerNorm
   go through layer hooks (per-sample gradients from the layer's input and output gradient);
-  ``nn.MultiheadAttention`` (in_proj and out_proj, whose weights its forward uses functionally) goes
-  through the ``torch.func`` fallback (a vmapped per-sample VJP of the module, run at ``step()``);
+  ``nn.MultiheadAttention`` (in_proj and out_proj, whose weights its forward uses functionally) through
+  its own rule, which follows those ``F.linear`` calls (until issue 17: the ``torch.func`` fallback, a
+  vmapped per-sample VJP of the module at ``step()``; its time is still reported, now ~0);
 * plain and tracked epoch time: two copies of the model (same init, same batch order), epochs
   interleaved P T, T P, ... after an untimed warm-up of each, medians; a tracked epoch includes the
   time the store writer needs afterwards to drain its queue (as in ``overhead.py``);
 * ``tracker.stats['tracking_seconds']`` per epoch: time inside hydra_nb's hooks, step hook and checkpoints;
 * the fallback's part of it: ``GradientCapture._run_fallbacks`` timed by a wrapper installed by this
   script (the package is not changed), and the gradient check's part (``GradientCapture.check``,
-  every step on the CPU) likewise.
+  at sampled steps) likewise.
 
     python benchmarks/text_fallback.py            # 7 repeats per size, 1 torch thread
     python benchmarks/text_fallback.py --quick    # 3 repeats (smoke run)

@@ -77,6 +77,26 @@ class Block:
         out = torch.zeros(*lead, self.dim, dtype=flat.dtype, device=flat.device)
         return out.index_add_(-1, index, flat * sign.to(flat.dtype))
 
+    def row_block(self, first: int, end: int) -> "Block":
+        """The block of rows first..end−1 of this parameter's matrix: projecting a matrix H of those rows with it gives
+        the projection of the full matrix whose other rows are zero, at the positions ``offset``..``stop`` of the
+        returned block (so the row blocks of a matrix, projected and added, give its projection)."""
+        if first == 0 and end == self.rows:
+            return self
+        n = end - first
+        if not self.sketch:
+            return Block(self.name, n, self.cols, self.offset + first * self.cols, n * self.cols, dtype=self.dtype)
+        return Block(self.name, n, self.cols, self.offset, self.dim, self.h1[first:end], self.s1[first:end], self.h2,
+                     self.s2, self.dtype)
+
+    def project_signed(self, g: torch.Tensor) -> torch.Tensor:
+        """T(G) for G of shape (..., rows, cols) given as G ⊙ s1 s2ᵀ (a sketched block: the signs already applied,
+        e.g. folded into the factors of an outer product); returns (..., dim)."""
+        lead = g.shape[:-2]
+        index, _ = self._flat_map()
+        out = torch.zeros(*lead, self.dim, dtype=g.dtype, device=g.device)
+        return out.index_add_(-1, index, g.reshape(*lead, self.rows * self.cols))
+
     def sketch_rows(self, u: torch.Tensor) -> torch.Tensor:
         """CS1(u) over the last dimension (of size rows) → (..., dim)."""
         return _count_sketch(u, self.h1, self.s1, self.dim)

@@ -231,7 +231,7 @@ class Tracker:
             self.writer.close("failed", "could not attach hooks")
             raise
         self._n_groups = len(self.optimizer.param_groups)
-        self._first_step = self.step
+        self._first_step = self._last_checked = self.step
         self.active = True
         self.stats["started"] = time.perf_counter()
         return self
@@ -303,12 +303,29 @@ class Tracker:
         self.tap.detach()
         self.tap.on_epoch_end = None  # break tracker ↔ tap: the loader (and its workers) can then be freed
 
-    def _should_check(self) -> bool:
-        if self.mode == "replay":  # no per-sample rows to check (replay's arrival check covers the run)
+    _CHECK_FIRST = 3  # steps checked after entering track()
+    _CHECK_EVERY = {"cpu": 16}  # then every n-th step; elsewhere every 100th (a check waits for the device)
+
+    def _should_check(self, passes) -> bool:
+        """Whether this step verifies that the captured per-sample gradients add up to ``.grad``.
+
+        The first steps, then every n-th (16 on the CPU, 100 on a GPU); and any step whose ``.grad`` was
+        changed after the backward that filled it (clipping, a loss scaler, an assignment) or filled by several
+        backwards (accumulation, or gradients zeroed by hand in between: the check tells which passes make
+        up ``.grad``), as ``capture.grads_changed`` sees it. A change that enters ``.grad`` through autograd (a
+        loss term on the parameters, a parameter hook, a parameter used outside its module) is caught at the
+        first checked step it is present in: from the start, at the first step, before anything is recorded;
+        if it starts later, up to n − 1 steps late (those steps are in the store; tracking then stops and
+        says so). Never in replay mode (no per-sample rows to check: replay's arrival check covers the run).
+        """
+        changed = self.capture.grads_changed()  # read every step: it also clears the notes
+        if self.mode == "replay":
             return False
         if self.world_size > 1:  # a collective: only where every rank certainly is (a rank may stop later)
             return self.step == self._first_step
-        return self.params[0].device.type == "cpu" or self.step < 3 or self.step % 100 == 0
+        n = self.step - self._first_step
+        every = self._CHECK_EVERY.get(self.params[0].device.type, 100)
+        return changed or len(passes) > 1 or n < self._CHECK_FIRST or n % every == 0
 
     def _before_step(self, optimizer, args, kwargs) -> None:
         if not self.active:
@@ -331,13 +348,18 @@ class Tracker:
                 failure, self.capture.failure = self.capture.failure, None
                 raise failure
             passes = self.capture.take()
-            if self._should_check():
+            if self._should_check(passes):
                 try:
                     passes, _ = self.capture.check(passes, _rtol(self.compute_dtype), self.world_size)
                 except TrackingFailure as exc:
                     if self.step == 0:  # from the first step on: the loop itself does something untrackable
                         raise TrackingConfigError(str(exc)) from None
+                    if self.step - self._last_checked > 1:
+                        raise TrackingFailure(
+                            f"{exc} Steps {self._last_checked + 1}–{self.step - 1} were recorded without this "
+                            "check (it runs at sampled steps); if the change began there, so did wrong rows.") from None
                     raise
+                self._last_checked = self.step
             trace_row = self.rule.read_step(optimizer, self.params, self.layout)
             calls = self._record_calls(passes)
             if passes:

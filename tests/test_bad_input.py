@@ -423,6 +423,65 @@ def test_late_failure_warns_and_training_goes_on(tmp_path):
     assert not np.allclose(store.params_at(-1), torch.cat([p.detach().flatten() for p in model.parameters()]).numpy())
 
 
+def test_grad_changed_at_one_unsampled_step_is_caught_at_that_step(tmp_path):
+    """The .grad check runs at sampled steps, and at any step whose .grad was changed after its backward:
+    clipping at step 6 alone (not a sampled step) stops tracking at step 6, before anything of it is recorded."""
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    loader = loader_of()
+    clip = lambda step: step == 6 and torch.nn.utils.clip_grad_norm_(model.parameters(), 1e-3)  # noqa: E731
+    with pytest.warns(TrackingStoppedWarning, match="stopped tracking at step 6.*do not add up"):
+        with hydra_nb.track(model, loader, store=tmp_path / "a.zarr", optimizer=opt, checkpoint_every=2) as run:
+            train(model, loader, opt, epochs=3, on_step=clip)
+    assert run.step == 6 and hydra_nb.open_store(tmp_path / "a.zarr").steps == 6
+
+
+def test_grad_change_through_autograd_is_caught_at_the_next_sampled_step(tmp_path):
+    """A loss term on the parameters reaches .grad through autograd, which only the check sees: begun at
+    step 5, it is caught at step 16 (checks: steps 0–2, then every 16th on the CPU), and the warning says
+    which steps went unchecked. From the first step on it is refused at once (test_manual_l2_penalty_...)."""
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    loader = loader_of()
+    checked = []
+    with pytest.warns(TrackingStoppedWarning, match="stopped tracking at step 16.*Steps 3–15 were recorded without"):
+        with hydra_nb.track(model, loader, store=tmp_path / "a.zarr", optimizer=opt) as run:
+            real = run.capture.check
+            run.capture.check = lambda *a, **k: checked.append(run.step) or real(*a, **k)
+            for epoch in range(6):
+                for x, y in loader:
+                    opt.zero_grad()
+                    loss = F.cross_entropy(model(x), y)
+                    if run.step >= 5 or not run.active:
+                        loss = loss + 1e-2 * sum((p ** 2).sum() for p in model.parameters())
+                    loss.backward()
+                    opt.step()
+    assert checked == [0, 1, 2, 16] and run.step == 16
+
+
+def test_several_backwards_before_a_step_are_checked_at_any_step(tmp_path):
+    """Gradients zeroed by hand between two backwards of one batch at step 7 (not a sampled step): .grad holds
+    the second backward alone while the batch's rows hold both, and the check, which runs whenever several
+    backwards reached .grad, says so at step 7."""
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    loader = loader_of()
+    with pytest.warns(TrackingStoppedWarning, match="stopped tracking at step 7.*do not add up"):
+        with hydra_nb.track(model, loader, store=tmp_path / "a.zarr", optimizer=opt) as run:
+            step = 0
+            for epoch in range(3):
+                for x, y in loader:
+                    opt.zero_grad()
+                    if step == 7:  # a backward whose gradients are then thrown away by hand
+                        F.cross_entropy(model(x), y).backward()
+                        for p in model.parameters():
+                            p.grad = None
+                    F.cross_entropy(model(x), y).backward()
+                    opt.step()
+                    step += 1
+    assert run.step == 7
+
+
 def test_late_failure_strict_raises(tmp_path):
     model = mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)

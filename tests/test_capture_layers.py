@@ -102,14 +102,50 @@ class EmbedPool(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self):
+    """MultiheadAttention on (B, SEQ, 4) inputs, in the configurations its rule must follow.
+
+    ``kv``: "self" (query, key and value the same tensor: one packed in-projection), "shared" (key is value,
+    not the query: the q | kv row blocks), "separate" (three tensors: q | k | v), "kdim_vdim" (key and value
+    of other widths: separate projection weights); ``padding_mask``: a key_padding_mask that depends on the
+    sample; ``weights_loss``: the attention weights enter the loss too (their cotangent reaches the
+    projections); ``batch_first=False`` transposes around the module.
+    """
+
+    def __init__(self, kv="self", batch_first=True, need_weights=False, padding_mask=False, weights_loss=False,
+                 **mha_kw):
         super().__init__()
-        self.mha = nn.MultiheadAttention(4, 2, batch_first=True)
+        kdim, vdim = (3, 5) if kv == "kdim_vdim" else (None, None)
+        self.mha = nn.MultiheadAttention(4, 2, batch_first=batch_first, kdim=kdim, vdim=vdim, **mha_kw)
         self.head = nn.Linear(4, 3)
+        self.kv, self.batch_first, self.need_weights = kv, batch_first, need_weights
+        self.padding_mask, self.weights_loss = padding_mask, weights_loss
 
     def forward(self, x):
-        y, _ = self.mha(x, x, x, need_weights=False)
-        return self.head(torch.tanh(y).mean(1))
+        if self.kv == "self":
+            q = k = v = x
+        elif self.kv == "shared":
+            q, k = x, torch.tanh(x[:, 1:])
+            v = k
+        elif self.kv == "separate":
+            q, k, v = x, torch.tanh(x), x.flip(1)
+        else:
+            q, k, v = x, x[..., :3] * 2, torch.cat([x, x[..., :1]], -1)
+        mask = None
+        if self.padding_mask:
+            mask = k[..., 0] > 0.5
+            mask[:, 0] = False  # every sample keeps a key
+        if not self.batch_first:
+            q, k, v = (t.transpose(0, 1) for t in (q, k, v))
+            v = k if self.kv == "shared" else v
+            if self.kv == "self":
+                k = v = q
+        y, w = self.mha(q, k, v, key_padding_mask=mask, need_weights=self.need_weights)
+        if not self.batch_first:
+            y = y.transpose(0, 1)
+        out = self.head(torch.tanh(y).mean(1))
+        if self.weights_loss:
+            out = out + (w[:, 0] * torch.arange(w.shape[-1], dtype=w.dtype)).sum(-1, keepdim=True)
+        return out
 
 
 def conv2d_model(**conv_kw):
@@ -191,6 +227,15 @@ MODELS = {
     "custom_raw_parameters": (lambda: nn.Sequential(nn.Linear(4, 5), Affine(5), nn.Tanh(), nn.Linear(5, 3)),
                               float_inputs(4)),
     "multihead_attention": (Attention, float_inputs(SEQ, 4)),
+    "mha_seq_first_weights": (lambda: Attention(batch_first=False, need_weights=True, weights_loss=True),
+                              float_inputs(SEQ, 4)),
+    "mha_no_bias_padding_mask": (lambda: Attention(bias=False, padding_mask=True), float_inputs(SEQ, 4)),
+    "mha_kdim_vdim_padding_mask": (lambda: Attention(kv="kdim_vdim", padding_mask=True, need_weights=True,
+                                                     weights_loss=True), float_inputs(SEQ, 4)),
+    "mha_key_is_value": (lambda: Attention(kv="shared", batch_first=False), float_inputs(SEQ, 4)),
+    "mha_separate_kv_per_head_weights": (lambda: Attention(kv="separate", need_weights=True, weights_loss=True),
+                                         float_inputs(SEQ, 4)),
+    "mha_add_bias_kv": (lambda: Attention(add_bias_kv=True), float_inputs(SEQ, 4)),
 }
 
 
@@ -332,10 +377,41 @@ def test_a_module_with_parameters_and_no_rule_goes_to_the_fallback():
 
 
 def test_multihead_attention_is_captured_as_one_unit():
-    """Its forward uses out_proj's weights functionally: one owner holds all four, out_proj has none of its own."""
+    """Its forward uses out_proj's weights functionally: one owner holds all four, out_proj has none of its own;
+    its rule follows the F.linear calls of its forward (with add_bias_kv, which that does not reach, the unit goes
+    to the fallback)."""
     (owner,) = _capture_owners(nn.MultiheadAttention(4, 2, batch_first=True))
-    assert owner.rule is LAYER_RULES[nn.MultiheadAttention] and owner.rule.deferred and owner.rule.whole
+    assert owner.rule is LAYER_RULES[nn.MultiheadAttention] and owner.rule.follow is not None and owner.rule.whole
     assert [n for n, _ in owner.owned] == ["in_proj_weight", "in_proj_bias", "out_proj.weight", "out_proj.bias"]
+    (owner,) = _capture_owners(nn.MultiheadAttention(4, 2, kdim=3, vdim=5))
+    assert owner.rule is LAYER_RULES[nn.MultiheadAttention]
+    assert [n for n, _ in owner.owned] == ["q_proj_weight", "k_proj_weight", "v_proj_weight", "in_proj_bias",
+                                           "out_proj.weight", "out_proj.bias"]
+    (owner,) = _capture_owners(nn.MultiheadAttention(4, 2, add_bias_kv=True))
+    assert owner.rule.deferred and owner.rule.whole and owner.rule.name == FALLBACK.name
+    assert {n for n, _ in owner.owned} >= {"bias_k", "bias_v", "out_proj.weight"}
+
+
+def test_multihead_attention_leaves_f_linear_as_it_was():
+    """The rule replaces F.linear only while a tracked attention forward runs, also when that forward raises."""
+    model = nn.Sequential(Attention(), nn.Linear(3, 3))
+    params = list(model.parameters())
+    layout = ParamLayout.from_model(model, torch.optim.SGD(params, lr=0.1))[0]
+    loader = DataLoader(TensorDataset(torch.randn(4, SEQ, 4), torch.randint(0, 3, (4,))), batch_size=4)
+    tap = LoaderTap(loader)
+    capture = GradientCapture(model, params, Projector.plan(layout, None), tap)
+    tap.attach()
+    capture.attach()
+    try:
+        x, y = next(iter(loader))
+        F.cross_entropy(model(x), y).backward()
+        assert F.linear is torch._C._nn.linear
+        with pytest.raises(AssertionError):
+            model[0].mha(x, x[..., :3], x)  # a key of the wrong width: the functional forward refuses it
+        assert F.linear is torch._C._nn.linear
+    finally:
+        capture.detach()
+        tap.detach()
 
 
 @pytest.mark.parametrize("option", [dict(max_norm=1.0), dict(scale_grad_by_freq=True), dict(sparse=True)])
@@ -409,6 +485,36 @@ def test_every_route_gives_the_sketched_per_sample_gradients(route, monkeypatch)
         assert taken == {"unfold": 1, "outer": 0}
     elif route == "factored":
         assert taken == {"unfold": 0, "outer": 2}  # proj and head
+
+
+CONV_CASES = {  # (convolution, input shape of one sample)
+    "1d_stride_pad": (lambda: nn.Conv1d(2, 3, 3, stride=2, padding=1), (2, 9)),
+    "1d_dilation_reflect": (lambda: nn.Conv1d(2, 3, 3, dilation=2, padding=2, padding_mode="reflect"), (2, 9)),
+    "2d_same_even_kernel": (lambda: nn.Conv2d(2, 3, (3, 2), padding="same"), (2, 6, 6)),
+    "2d_same_dilated_circular": (lambda: nn.Conv2d(2, 3, 3, padding="same", dilation=2, padding_mode="circular"),
+                                 (2, 6, 6)),
+    "2d_wide_rect_nobias": (lambda: nn.Conv2d(9, 4, (3, 2), stride=(2, 1), padding=(1, 0), dilation=(1, 2),
+                                              bias=False), (9, 7, 6)),
+    "3d_stride_pad": (lambda: nn.Conv3d(2, 3, 2, stride=(1, 2, 1), padding=1), (2, 3, 4, 3)),
+}
+
+
+@pytest.mark.parametrize("method", ["unfold", "grouped", "auto"])
+@pytest.mark.parametrize("case", list(CONV_CASES))
+def test_conv_weight_grads_by_each_method_equal_per_sample_autograd(case, method):
+    """The conv rule's two ways of forming per-sample weight gradients (patches and a batched matmul, or the
+    backward of a convolution grouped by sample) against one autograd call per sample."""
+    from hydra_nb.capture.conv import weight_grads
+
+    build, shape = CONV_CASES[case]
+    torch.manual_seed(0)
+    conv = build().to(DT)
+    x = torch.randn(4, *shape, dtype=DT)
+    d = torch.randn_like(conv(x))
+    got = weight_grads(conv, x, d, method)
+    for b in range(4):
+        (want,) = torch.autograd.grad((conv(x[b:b + 1]) * d[b:b + 1]).sum(), [conv.weight])
+        assert torch.allclose(got[b], want.reshape(want.shape[0], -1), rtol=1e-12, atol=1e-13), b
 
 
 def test_unknown_route_is_refused():

@@ -577,3 +577,31 @@ def test_peak_memory_independent_of_store_size(tmp_path):
     store_growth = log_bytes[1] - log_bytes[0]
     assert growth_big - growth_small < 0.1 * store_growth, (growth_small, growth_big, store_growth)
     assert growth_big < 0.25 * log_bytes[1], (growth_big, log_bytes[1])
+
+
+def test_chunk_files_read_log_rows_as_zarr_does(tmp_path):
+    """The fast source reads uncompressed log chunks straight from their files: the same rows as zarr's read
+    for blocks that start and end inside chunks; a truncated chunk reports a short read (the zarr read then
+    runs and names the damage); compressed or in-memory arrays are left to zarr."""
+    import zarr
+
+    from hydra_nb.sources.fast import ChunkFiles
+
+    g = zarr.open_group(str(tmp_path / "a.zarr"), mode="w")
+    arr = g.create_array("log/grad", shape=(40, 5), chunks=(7, 5), dtype="float32", compressors=None)
+    data = np.random.default_rng(0).standard_normal((40, 5)).astype(np.float32)
+    arr[:] = data
+    files = ChunkFiles.of(arr)
+    assert files is not None
+    for start, stop in [(0, 40), (0, 7), (3, 4), (6, 15), (13, 40), (35, 40)]:
+        out = np.full((stop - start, 5), np.nan, dtype=np.float32)
+        assert files.read(start, stop, out)
+        np.testing.assert_array_equal(out, data[start:stop])
+    chunk = tmp_path / "a.zarr" / "log" / "grad" / "c" / "2" / "0"
+    chunk.write_bytes(chunk.read_bytes()[:37])
+    assert not files.read(10, 20, np.empty((10, 5), dtype=np.float32))
+    assert files.read(0, 14, np.empty((14, 5), dtype=np.float32))  # chunks 0 and 1 are whole
+    packed = g.create_array("log/packed", shape=(40, 5), chunks=(7, 5), dtype="float32")  # compressed by default
+    assert ChunkFiles.of(packed) is None
+    assert ChunkFiles.of(zarr.create_array(zarr.storage.MemoryStore(), shape=(4, 5), chunks=(2, 5), dtype="float32",
+                                           compressors=None)) is None

@@ -295,6 +295,83 @@ def test_store_at_an_fsspec_url_answers_with_both_engines(finished):
         np.testing.assert_allclose(got, want, rtol=1e-12)
 
 
+def test_writer_rows_come_back_exactly_across_chunks_flushes_and_a_reopen(tmp_path, monkeypatch):
+    """The writer keeps each array's partial last chunk in memory and writes chunks whole: appends that
+    start and end inside chunks, span several, arrive in mid-epoch flushes or only at checkpoints, and a
+    reopened writer continuing a chunk the previous one left partial, all read back as written."""
+    import zarr
+
+    import hydra_nb.store as store_module
+    from hydra_nb.optim import SGDRule
+    from hydra_nb.params import ParamLayout
+    from hydra_nb.projection import Projector
+    from hydra_nb.store import StoreWriter, new_run_meta
+
+    monkeypatch.setattr(store_module, "_TRACE_CHUNK", 4)  # trace chunks of 4 steps
+    monkeypatch.setattr(store_module, "_TARGET_CHUNK_BYTES", 1)  # log chunks of 64 rows (the minimum)
+    monkeypatch.setattr(store_module, "_FLUSH_BYTES", 64 * 7 * 8)  # flush whole chunks mid-epoch
+    monkeypatch.setattr(store_module, "_HANDOVER_BYTES", 3 * 7 * 8)
+    model = torch.nn.Linear(2, 2, bias=False).double()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    layout, tensors = ParamLayout.from_model(model, opt)
+    projector = Projector.plan(layout, None, dtype=torch.float64)
+    meta = new_run_meta("fast", 1000, layout, projector.to_json(), {"projection_dim": None}, [])
+    path = tmp_path / "w.zarr"
+    rng = np.random.default_rng(0)
+    expect = {"sample": [], "step": [], "grad": [], "row_end": [], "lr": [], "params": []}
+
+    def run(writer, first_step, sizes, checkpoint_every):
+        step = first_step
+        for n in sizes:
+            row = {f: np.full(1, step, dtype=np.float64) for f in SGDRule.trace_fields[:4]}
+            row.update({f: np.ones(1, dtype=bool) for f in SGDRule.trace_fields[4:]})
+            samples = rng.integers(0, 1000, n)
+            rows = rng.standard_normal((n, projector.dim))
+            writer.put_step(row, torch.from_numpy(samples), torch.from_numpy(rows))
+            expect["sample"].append(samples)
+            expect["step"].append(np.full(n, step))
+            expect["grad"].append(rows)
+            expect["lr"].append(step)
+            expect["row_end"].append(sum(len(s) for s in expect["sample"]))
+            step += 1
+            if step % checkpoint_every == 0:
+                params = torch.from_numpy(rng.standard_normal(layout.size))
+                writer.put_checkpoint(step, params, None)
+                expect["params"].append(params.numpy())
+        return step
+
+    writer = StoreWriter.create(path, meta, layout, projector.arrays(), projector.dim, np.float64, np.dtype("float64"),
+                                0, None)
+    writer.put_checkpoint(0, torch.from_numpy(np.zeros(layout.size)), None)
+    expect["params"].append(np.zeros(layout.size))
+    sizes = [5, 0, 37, 64, 100, 1, 3, 130, 2, 63, 65, 9, 4]
+    step = run(writer, 0, sizes, checkpoint_every=3)
+    writer.close("complete")
+    assert writer.error is None, writer.error
+    last = 3 * (step // 3)  # what a reopened writer keeps: the run up to its last checkpoint
+    keep_rows = expect["row_end"][last - 1]
+    for key in ("sample", "step", "grad"):
+        expect[key] = [np.concatenate(expect[key])[:keep_rows]]
+    expect["row_end"], expect["lr"] = expect["row_end"][:last], expect["lr"][:last]
+    writer = StoreWriter.reopen(path)
+    run(writer, last, [7, 70, 1, 61, 3, 3], checkpoint_every=2)
+    writer.close("complete")
+    assert writer.error is None, writer.error
+
+    g = zarr.open_group(str(path), mode="r")
+    n_steps = len(expect["lr"])
+    np.testing.assert_array_equal(g["log/sample"][:], np.concatenate(expect["sample"]))
+    np.testing.assert_array_equal(g["log/step"][:], np.concatenate(expect["step"]))
+    np.testing.assert_array_equal(g["log/grad"][:], np.concatenate(expect["grad"]))
+    np.testing.assert_array_equal(g["trace/row_end"][:], expect["row_end"])
+    np.testing.assert_array_equal(g["trace/lr"][:, 0], expect["lr"])
+    assert g["trace/active"][:].all() and g["trace/active"].shape == (n_steps, 1)
+    np.testing.assert_array_equal(g["checkpoints/params"][:], np.stack(expect["params"]))
+    np.testing.assert_array_equal(g["checkpoints/step"][:], [0, 3, 6, 9, 12, 14, 16, 18])
+    committed = read_meta(path)["committed"]
+    assert committed == {"steps": n_steps, "rows": len(np.concatenate(expect["sample"])), "checkpoints": 8}
+
+
 def test_same_cell_and_what_may_be_replaced():
     """The rules %%hydra_track's re-runs rest on (hydra_nb.store.same_cell, replaceable)."""
     from hydra_nb.store import replaceable, same_cell

@@ -1,7 +1,8 @@
 """Text (issue 9): an Embedding + TransformerEncoder classifier on generated sentences, tracked and explored.
 
-* fast mode, projected, ``strict=True`` (the gradient check passes at every step): attention
-  (MultiheadAttention, through the torch.func fallback) and LayerNorm parameters are in the store;
+* fast mode, projected, ``strict=True`` (the gradient check passes wherever it runs): attention
+  (MultiheadAttention, its F.linear projections followed by its rule) and LayerNorm parameters are in the
+  store;
   contributions, top_k and self_influence are finite and not trivial;
 * fast mode, full dimension, float64: contributions equal ``tests/reference.py``'s Hessian-free
   recursion with per-sample gradients from a one-sample-at-a-time autograd loop (1e-8);
@@ -23,8 +24,8 @@ from hydra_nb.examples import TEXT_CLASSES, TextTransformer, encode_texts, make_
 from reference import (assert_replay_matches, hessian_free_contributions, layout_check, make_loader, rel_err,
                        tracked_training)
 
-# torch's vmap has no batching rule for CPU flash attention: the fallback then loops (measured in
-# benchmarks/text_fallback.py); the warning says so once per call
+# torch's vmap has no batching rule for CPU flash attention (per-sample gradients of test points in the
+# queries); the warning says so once per call
 pytestmark = pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")
 
 LENGTH = 12
@@ -80,8 +81,8 @@ def test_attention_and_layernorm_are_captured(run):
                  "self_attn.out_proj.bias", "norm1.weight", "norm2.bias", "embed.weight", "position.weight"):
         assert any(part in n for n in names), part
     assert names == [n for n, _ in model.named_parameters()]
-    # what the capture chose: attention through the torch.func fallback, the rest through layer hooks
-    assert routes == {"MultiheadAttention": "fallback", "Linear": "linear", "LayerNorm": "layernorm",
+    # what the capture chose: attention by its rule (its projections followed), the rest through layer hooks
+    assert routes == {"MultiheadAttention": "attention", "Linear": "linear", "LayerNorm": "layernorm",
                       "Embedding": "embedding"}
     with torch.no_grad():
         acc = (model.eval()(encode_texts(test[0], LENGTH)).argmax(1) == test[1]).float().mean().item()
@@ -106,7 +107,7 @@ def test_queries_are_finite_and_not_trivial(run):
 
 
 def test_full_dimension_equals_hessian_free_reference(tmp_path):
-    """Fast mode, no projection, float64: hydra_nb's hooks + fallback vs. a per-sample autograd recursion."""
+    """Fast mode, no projection, float64: hydra_nb's hooks vs. a per-sample autograd recursion."""
     texts, labels = unique_texts(24, seed=2)
     X = encode_texts(texts, LENGTH)
     test_texts, test_labels = make_texts(3, seed=3)

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import math
 import time
+import weakref
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -72,17 +73,38 @@ class Pass:
     generation: int
     indices: torch.Tensor  # (B,) dataset indices (CPU)
     batch: Any  # the batch as the loader yielded it (targets for exact mode)
-    buf: torch.Tensor | None = None  # (B, dim) projected per-sample gradients
+    buf: torch.Tensor | None = None  # (B, dim) projected per-sample gradients (once ``gather`` has run)
     root_calls: list[RootCall] = field(default_factory=list)
+    parts: list = field(default_factory=list)  # (offset, stop, values) added since, in the order they came
+    dim: int = 0  # length of a row
 
     def add(self, block: Block, values: torch.Tensor, dim: int) -> None:
+        """Add ``values`` (B, block.dim) at the block's columns of a (B, dim) row (kept until ``gather``)."""
+        self.dim = dim
+        self.parts.append((block.offset, block.stop, values))
+
+    def gather(self) -> None:
+        """Sum what was added into ``buf``: one concatenation when the parts tile the row once each (the usual
+        case, one part per parameter block), else zeros and additions in arrival order (as ``buf +=`` would)."""
+        if not self.parts:
+            return
+        parts, self.parts = self.parts, []
+        order = sorted(parts, key=lambda part: part[0])
+        values = [v for _, _, v in order]
+        tiles = all(a == b for (_, a, _), (b, _, _) in zip(order, order[1:])) and order[0][0] == 0 \
+            and order[-1][1] == self.dim and len({(v.dtype, v.device) for v in values}) == 1
+        if self.buf is None and tiles:
+            self.buf = torch.cat(values, dim=1)
+            return
         if self.buf is None:
-            self.buf = torch.zeros(values.shape[0], dim, dtype=values.dtype, device=values.device)
-        self.buf[:, block.offset : block.stop] += values
+            v = parts[0][2]
+            self.buf = torch.zeros(v.shape[0], self.dim, dtype=v.dtype, device=v.device)
+        for a, b, v in parts:
+            self.buf[:, a:b] += v
 
     @property
     def backpropagated(self) -> bool:
-        return self.buf is not None or any(c.output_grad is not None for c in self.root_calls)
+        return self.buf is not None or bool(self.parts) or any(c.output_grad is not None for c in self.root_calls)
 
 
 @dataclass
@@ -141,6 +163,7 @@ class GradientCapture:
         self.suspended = False
         self.seconds = 0.0  # time spent in hooks (forward and backward)
         self._handles: list = []
+        self._accumulated: dict[int, tuple] = {}  # param index → (weakref to .grad, its version, backwards so far)
         tracked = {id(p): i for i, p in enumerate(params)}
         self.owners: list[Owner] = owners(model, tracked)
         covered = {b for owner in self.owners for _, b in owner.owned}
@@ -150,6 +173,8 @@ class GradientCapture:
 
     # -- lifecycle -----------------------------------------------------------------------
     def attach(self) -> None:
+        for i, p in enumerate(self.params):  # what .grad is after each backward (the check's sampling reads it)
+            self._handles.append(p.register_post_accumulate_grad_hook(self._grad_accumulated(i)))
         if self.keep_root_calls:
             # the root model's calls: exact mode's HVPs, BatchNorm's per-sample gradients, replay's record.
             # Hooks are closures, not bound methods: a copy.deepcopy of the model (a notebook taking a snapshot)
@@ -167,6 +192,9 @@ class GradientCapture:
             return  # BatchNorm: the whole model's per-sample gradients come from its root calls
         for owner in self.owners:
             blocks = {name: self.projector.blocks[b] for name, b in owner.owned}
+            if owner.rule.follow is not None:
+                self._handles.extend(owner.rule.follow(owner.module, blocks, self))
+                continue
             if owner.rule.deferred:
                 hook = self._deferred_hook(owner, blocks)
             else:
@@ -182,6 +210,67 @@ class GradientCapture:
         self._handles.clear()
         self.passes.clear()
         self.fallback_calls.clear()
+        self._accumulated.clear()
+
+    def _grad_accumulated(self, i: int):
+        """A post-accumulate-grad hook: note which tensor ``.grad`` is, and its version, after each backward."""
+
+        def hook(param):
+            before = self._accumulated.get(i)
+            self._accumulated[i] = (weakref.ref(param.grad), param.grad._version, 1 + (before[2] if before else 0))
+
+        return hook
+
+    def grads_changed(self) -> bool:
+        """Whether ``check`` must run to trust ``.grad``, as far as the post-accumulate-grad hooks can tell: some
+        ``.grad`` was modified in place or replaced after the backward that last accumulated into it (gradient
+        clipping, a loss scaler's unscale, an assignment), holds a value no backward put there, or was
+        accumulated into by several backwards since the last step (which of their passes make it up is for
+        the check to say).
+
+        Reads the hooks' notes and clears them (call once per step, before ``step()``); a ``.grad`` of None
+        counts as unchanged (the check leaves such parameters out too). A change that flows through autograd
+        itself (a loss term on the parameters, a parameter hook) is not seen here: only ``check`` sees those.
+        """
+        notes, self._accumulated = self._accumulated, {}
+        for i, p in enumerate(self.params):
+            g = p.grad
+            if g is None:
+                continue
+            note = notes.get(i)
+            if note is None or note[0]() is not g or note[1] != g._version or note[2] > 1:
+                return True
+        return False
+
+    # -- for rules that follow a module with hooks of their own (LayerRule.follow) ----------
+    def sink(self, batch_size: int):
+        """During a training forward: a function ``emit(per_sample)`` that adds the (block, rows) pairs the callable
+        ``per_sample()`` yields to the pass of the current batch (of ``batch_size`` samples), timed, a failure kept
+        instead of raised into the user's backward; None when nothing is captured (not training, no autograd,
+        suspended, an earlier failure, a batch that is not the loader's)."""
+        if not self._capturing():
+            return None
+        p = self._pass_for(batch_size)
+        if p is None:
+            return None
+        dim = self.projector.dim
+
+        def emit(per_sample):
+            start = time.perf_counter()
+            try:
+                for block, values in per_sample():
+                    p.add(block, values, dim)
+            except Exception as exc:  # never raise into the user's backward
+                self.fail(TrackingFailure(f"capturing per-sample gradients failed: {exc!r}"))
+            finally:
+                self.seconds += time.perf_counter() - start
+
+        return emit
+
+    def fail(self, exc: BaseException) -> None:
+        """Keep the first failure; the tracker raises it at the next optimizer step."""
+        if self.failure is None:
+            self.failure = exc
 
     # -- hooks ---------------------------------------------------------------------------
     def _capturing(self) -> bool:
@@ -336,6 +425,8 @@ class GradientCapture:
                 self._run_batchnorm()
         finally:
             self.fallback_calls.clear()
+        for p in self.passes.values():
+            p.gather()
         passes = [p for _, p in sorted(self.passes.items())
                   if p.buf is not None or (not self.per_sample and p.backpropagated)]
         self.passes.clear()
@@ -349,6 +440,7 @@ class GradientCapture:
         """
         self.passes = {g: p for g, p in self.passes.items() if not p.backpropagated}
         self.fallback_calls = [c for c in self.fallback_calls if all(x is None for x in c.cotangents)]
+        self._accumulated.clear()
 
     def _run_fallbacks(self) -> None:
         """Apply the deferred rules (the fallback) to the calls recorded since the last step."""

@@ -23,8 +23,15 @@ def per_sample(module: nn.Linear, a, d, blocks, route: str):
     if "weight" in blocks:
         w = blocks["weight"]
         a_, d_ = cast(a, w), cast(d, w)
-        if prefer_full(B, a.shape[1], w, a_.element_size(), route=route):
-            yield w, w.project_matrix(torch.bmm(d_.transpose(1, 2), a_))  # G_b = Σ_l δ_l a_lᵀ
+        L = a.shape[1]
+        if prefer_full(B, L, w, a_.element_size(), route=route):
+            if not w.sketch:
+                yield w, w.project_matrix(torch.bmm(d_.transpose(1, 2), a_))  # G_b = Σ_l δ_l a_lᵀ
+            else:  # the sketch's signs folded into the factors: (s1 ⊙ δ)(s2 ⊙ a)ᵀ = G ⊙ s1 s2ᵀ
+                u, v = d_ * w.s1, a_ * w.s2
+                # one position: a broadcast outer product (a matmul with inner size 1 is several times slower)
+                g = u.transpose(1, 2) * v if L == 1 else torch.bmm(u.transpose(1, 2), v)
+                yield w, w.project_signed(g)
         else:
             yield w, w.project_outer(d_, a_)
     if "bias" in blocks:

@@ -12,7 +12,8 @@ A ``LayerRule`` holds
   instead, or a ``TrackingConfigError`` saying what to change for a configuration nothing can follow.
 
 Each rule lives in its own file, which states its equation: ``linear.py``, ``conv.py``,
-``embedding.py``, ``layernorm.py``, ``fallback.py``. ``rule_for(module)`` walks the module's MRO, so a
+``embedding.py``, ``layernorm.py``, ``attention.py`` (which follows the module's functional
+projections with hooks of its own: ``follow``), ``fallback.py``. ``rule_for(module)`` walks the module's MRO, so a
 subclass gets its base's rule as long as it keeps the base's ``forward``.
 
 To add a layer: write ``capture/<layer>.py`` with ``per_sample`` (and ``check`` if it refuses some
@@ -29,7 +30,7 @@ import torch
 from torch import nn
 
 from ..projection import Block
-from . import conv, embedding, fallback, layernorm, linear
+from . import attention, conv, embedding, fallback, layernorm, linear
 
 PerSample = Callable[..., Iterable[tuple[Block, torch.Tensor]]]  # (module, a, δ, blocks, route)
 
@@ -43,13 +44,17 @@ class LayerRule:
     """How the per-sample gradients of one module type are formed (see the module docstring)."""
 
     name: str  # what ``GradientCapture.owners`` reports (tests, benchmarks)
-    per_sample: PerSample
+    per_sample: PerSample | None
     check: Callable[[nn.Module], bool] = _follows_any
     deferred: bool = False  # the call is recorded whole and differentiated at step() (the fallback)
     whole: bool = False  # the rule also owns the parameters of the module's submodules (captured as a unit)
+    # (module, blocks, capture) → hook handles: a rule that follows the module's internal calls with its own
+    # hooks (``per_sample`` unused), emitting rows through ``capture.sink``
+    follow: Callable | None = None
 
 
 FALLBACK = LayerRule("fallback", fallback.per_sample, deferred=True)
+_WHOLE_FALLBACK = replace(FALLBACK, whole=True)  # for a unit (MultiheadAttention) its own rule does not follow
 _CONV_RULE = LayerRule("conv", conv.per_sample, conv.check)
 
 LAYER_RULES: dict[type[nn.Module], LayerRule] = {
@@ -59,8 +64,9 @@ LAYER_RULES: dict[type[nn.Module], LayerRule] = {
     nn.Conv3d: _CONV_RULE,
     nn.Embedding: LayerRule("embedding", embedding.per_sample, embedding.check),
     nn.LayerNorm: LayerRule("layernorm", layernorm.per_sample),
-    # its forward uses out_proj's weights functionally (out_proj's own hooks never see them): one unit
-    nn.MultiheadAttention: replace(FALLBACK, whole=True),
+    # its forward uses out_proj's weights functionally (out_proj's own hooks never see them): one unit, whose
+    # F.linear calls the rule follows
+    nn.MultiheadAttention: LayerRule("attention", None, attention.check, whole=True, follow=attention.follow),
 }
 
 
@@ -76,7 +82,7 @@ def rule_for(module: nn.Module) -> LayerRule:
         if rule is None:
             continue
         if not rule.check(module):
-            return FALLBACK
+            return _WHOLE_FALLBACK if rule.whole else FALLBACK
         if not rule.deferred and type(module).forward is not cls.forward:
             return FALLBACK
         return rule
