@@ -48,7 +48,7 @@ import common  # noqa: E402
 import field_common as fc  # noqa: E402
 from curvature_agreement import SETTINGS  # noqa: E402
 
-from hydra_nb.hypergrad import transitions  # noqa: E402
+from hydra_nb.optim import rule_named  # noqa: E402
 
 MODELS = ("none", "hessian", "hessian ×0.9", "hessian ×1.1", "ggn", "fisher", "ggn from rows",
           "ggn from rows, Rayleigh weight", "ggn from rows, exact last layer")
@@ -115,7 +115,7 @@ def run_setting(setting, seed: int, n_test: int, epochs: int | None):
              "nesterov": np.zeros((T, P), bool), "active": np.ones((T, P), bool),
              "first": np.zeros((T, P), bool)}
     trace["first"][0] = mom != 0
-    A, e = transitions(trace)
+    A, e = rule_named("SGD").transitions(trace)
     co = [torch.from_numpy(v[:, owner]) for v in (A[:, :, 0, 0], A[:, :, 0, 1], A[:, :, 1, 0], A[:, :, 1, 1],
                                                  e[:, :, 0], e[:, :, 1])]
     xq, yq = xt[:n_test], yt[:n_test]

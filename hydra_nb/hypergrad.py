@@ -203,13 +203,20 @@ def batch_targets(batch):
         "batch_fn=lambda batch: (inputs, targets) to hydra_nb.track.")
 
 
-def loss_weights(output: torch.Tensor, output_grad: torch.Tensor, targets: torch.Tensor, loss_fn,
-                 rtol: float) -> torch.Tensor:
-    """c_b such that ∂(user's loss)/∂output_b = c_b·∂loss_fn(output_b, y_b)/∂output_b.
+def loss_gradient_rows(output: torch.Tensor, targets, loss_fn) -> torch.Tensor:
+    """g_b = ∂loss_fn(output_b, y_b)/∂output_b, one flat row per sample.
 
-    With a mean-reduced loss c_b = 1/|B|, with a sum c_b = 1. Raises if no such c exists, i.e.
-    the loop's loss is not a weighted sum of ``loss_fn`` terms (then the HVPs would be wrong).
+    For the default loss (cross-entropy on class indices) in closed form, softmax(output_b) − onehot(y_b)
+    (zero where y_b is ignore_index −100); otherwise by autograd through ``loss_fn``.
     """
+    from .data import default_loss
+
+    if loss_fn is default_loss and output.dim() == 2 and torch.is_tensor(targets) and targets.dim() == 1 \
+            and not targets.is_floating_point():
+        g = torch.softmax(output.detach(), dim=1)
+        keep = (targets != -100).to(g.dtype)[:, None]
+        g.scatter_add_(1, targets.clamp(min=0)[:, None], -keep)  # − onehot(y), without boolean indexing (no sync)
+        return g.mul_(keep)
     out = output.detach().requires_grad_(True)
     with torch.enable_grad():
         per_sample = loss_fn(out, targets)
@@ -219,19 +226,31 @@ def loss_weights(output: torch.Tensor, output_grad: torch.Tensor, targets: torch
             f"{tuple(per_sample.shape)}. Use reduction='none', e.g. "
             "loss_fn=lambda out, y: F.cross_entropy(out, y, reduction='none').")
     (g,) = torch.autograd.grad(per_sample.sum(), out)
-    g = g.reshape(g.shape[0], -1)
+    return g.reshape(g.shape[0], -1)
+
+
+def loss_weights(output: torch.Tensor, output_grad: torch.Tensor, targets: torch.Tensor, loss_fn,
+                 rtol: float, check: bool = True) -> torch.Tensor:
+    """c_b such that ∂(user's loss)/∂output_b = c_b·∂loss_fn(output_b, y_b)/∂output_b (on the output's device).
+
+    With a mean-reduced loss c_b = 1/|B|, with a sum c_b = 1. With ``check``, raises if no such c exists, i.e.
+    the loop's loss is not a weighted sum of ``loss_fn`` terms (then the HVPs, or a replay, would be wrong);
+    that check reads a number off the device (a synchronisation on a GPU).
+    """
+    g = loss_gradient_rows(output, targets, loss_fn)
     d = output_grad.reshape(output_grad.shape[0], -1).to(g.dtype)
     den = (g * g).sum(1)
     ok = den > 1e-30 * den.max().clamp_min(1e-300)
-    c = torch.where(ok, (d * g).sum(1) / den.clamp_min(1e-300), torch.zeros_like(den))
-    if ok.any():
-        c = torch.where(ok, c, c[ok].median())
-    residual = float((d - c[:, None] * g).norm()) / (float(d.norm()) + 1e-30)
-    if residual > rtol:
-        raise TrackingConfigError(
-            "exact mode: the loss your loop backpropagates is not a per-sample weighted sum of loss_fn "
-            f"(relative mismatch {residual:.1e}). Pass loss_fn=... computing your loss per sample "
-            "(reduction='none'); the default is cross-entropy.")
+    c = (d * g).sum(1) / den.clamp_min(1e-300)
+    # a sample whose loss has no gradient here (ignored, or fit to rounding) takes the others' mean weight
+    c = torch.where(ok, c, (c * ok).sum() / ok.sum().clamp_min(1))
+    if check:
+        residual = float((d - c[:, None] * g).norm()) / (float(d.norm()) + 1e-30)
+        if residual > rtol:
+            raise TrackingConfigError(
+                "exact mode: the loss your loop backpropagates is not a per-sample weighted sum of loss_fn "
+                f"(relative mismatch {residual:.1e}). Pass loss_fn=... computing your loss per sample "
+                "(reduction='none'); the default is cross-entropy.")
     return c.detach()
 
 

@@ -308,6 +308,7 @@ class StoreWriter:
         self._replay = main and "replay" in group
         self._replay_total = {name: lengths.get(f"replay/{name}", 0) for name in _REPLAY_COUNTS}
         self._replay_pending: dict[str, list] = {name: [] for name in _REPLAY_PENDING}
+        self._replay_pending_rows = 0  # rows queued in _replay_pending["sample"]
         self._state_fields = [n[len("state_"):] for n, _ in group["checkpoints"].arrays()
                               if n.startswith("state_") and not n.endswith("_present")] if main else []
         self._thread = threading.Thread(target=self._run, name="hydra_nb-writer", daemon=True)
@@ -563,9 +564,11 @@ class StoreWriter:
         pending, total = self._replay_pending, self._replay_total
         for call in calls:
             pending["sample"].append(np.asarray(call.samples, dtype=np.int64))
-            pending["weight"].append(np.asarray(call.weights, dtype=np.float64))
-            rows_so_far = total["sample"] + sum(len(x) for x in pending["sample"])
-            pending["call_end"].append(rows_so_far)
+            weights = call.weights
+            pending["weight"].append(_numpy(weights).astype(np.float64) if isinstance(weights, tuple)
+                                     else np.asarray(weights, dtype=np.float64))
+            self._replay_pending_rows += len(call.samples)
+            pending["call_end"].append(total["sample"] + self._replay_pending_rows)
             for kind, state in (("rng_cpu", call.rng), ("rng_cuda", call.cuda_rng)):
                 index = -1
                 if state is not None:
@@ -590,6 +593,7 @@ class StoreWriter:
             self._replay_total[name] = self._replay_total.get(name, 0) + len(data)
             self.bytes_written += data.nbytes
             pending[name] = []
+        self._replay_pending_rows = 0
 
     def _on_checkpoint(self, step, params_item, buffers_item, h_item, b_item, state_items=None) -> None:
         self._flush(all_rows=True)

@@ -34,8 +34,10 @@ import torch
 from ..data import ModelInputs
 from ..errors import TrackingConfigError
 from ..hypergrad import batch_targets, loss_weights
+from ..store import to_host
 
 CHECKED_STEPS = 3  # steps whose model calls are compared with what replay would build from the batch
+CHECK_EVERY = 16  # after those, the loss's decomposition into Σ c_b·loss_fn is checked at every 16th step
 _FINGERPRINT_ROWS = 8
 
 
@@ -44,7 +46,7 @@ class RecordedCall:
     """One backward call as replay will redo it."""
 
     samples: np.ndarray  # (B,) int64 dataset indices
-    weights: np.ndarray  # (B,) float64 c_b
+    weights: object  # (B,) float64 c_b: an array, or store.to_host's (host tensor, CUDA event) while it copies
     rng: torch.Tensor | None = None  # CPU generator state before the forward (uint8), if it drew random numbers
     cuda_rng: torch.Tensor | None = None  # the model device's CUDA generator state, likewise
 
@@ -162,8 +164,12 @@ class ReplayRecorder:
             if self.steps_checked < CHECKED_STEPS:
                 self._check_call(inputs, call)
             y = targets.to(call.output.device) if torch.is_tensor(targets) else targets
+            # that the loop's loss is Σ c_b·loss_fn: checked on the first steps, then every CHECK_EVERY-th (the check
+            # reads a number off the device); a loss whose scaling changes between checks does not replay, which a
+            # query's arrival check at the next checkpoint refuses
+            check = self.steps_checked < CHECKED_STEPS or self.steps_checked % CHECK_EVERY == 0
             try:
-                c = loss_weights(call.output, call.output_grad, y, self.loss_fn, self.rtol)
+                c = loss_weights(call.output, call.output_grad, y, self.loss_fn, self.rtol, check=check)
             except TrackingConfigError as exc:
                 raise _NotReplayable(
                     "the loss the loop backpropagates is not a per-sample weighted sum of loss_fn, which replay "
@@ -174,7 +180,8 @@ class ReplayRecorder:
                 self.fingerprint = {"samples": samples[:_FINGERPRINT_ROWS].tolist(),
                                     "checksum": checksum(ModelInputs(inputs)[:_FINGERPRINT_ROWS].value,
                                                          targets[:_FINGERPRINT_ROWS])}
-            out.append(RecordedCall(samples, c.detach().to("cpu", torch.float64).numpy(),
+            # copied to the host without waiting; the store's writer thread reads it
+            out.append(RecordedCall(samples, to_host(c.detach().to(torch.float64), copy=False),
                                     getattr(call, "rng", None), getattr(call, "cuda_rng", None)))
         return out
 
