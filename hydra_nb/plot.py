@@ -11,7 +11,9 @@ Data arguments take the same forms as :func:`hydra_nb.explore` (``(inputs, targe
 pandas objects, ``(texts, targets)`` with ``encode=``, or torch Datasets); feature rows are named by
 ``feature_names=`` (or a DataFrame's columns) and shown by their most unusual values. Pass precomputed
 results (``top=``, ``values=``, a ``ClassMatrix``) to skip the query. Test samples are shown with their
-true and predicted class (the model at the store's last checkpoint).
+true and predicted class (the model at the store's last checkpoint). ``mode=`` as for queries:
+``mode="exact"`` on a fast-mode store replays the run with the training data given (``train_data``), so
+the figure shows the exact derivative for every training sample.
 
     hydra_nb.plot.top_k(store, model, test_data, train_data, test_indices=[3, 14], k=5)
     hydra_nb.plot.trajectory(store, model, test_data, test_index=14, train_indices=[1057, 2])
@@ -77,6 +79,11 @@ def _describe(samples, ids, stats, max_chars: int = _LABEL_MAX) -> list[str]:
     return [t if len(t) <= max_chars else t[:max_chars - 1] + "…" for t in samples.texts(ids)]
 
 
+def _replay_data(train):
+    """The training set as queries take it (``mode="exact"`` on a fast store replays the run with it), or None."""
+    return None if train is None else train.as_dataset()
+
+
 def _samples(test_data, train_data, encode, feature_names):
     test = None if test_data is None else as_samples(test_data, "test_data", encode=encode,
                                                      feature_names=feature_names)
@@ -99,7 +106,7 @@ def top_k(store, model, test_data, train_data, test_indices, k: int = 5, *, top:
     test_indices = [int(i) for i in np.atleast_1d(test_indices)]
     if top is None:
         x, y = test.batch(test_indices)
-        top = store.top_k(model, x, y, k=k, mode=mode, progress=False)
+        top = store.top_k(model, x, y, k=k, mode=mode, progress=False, train_data=_replay_data(train))
     k = top.helpful_indices.shape[1]
     n = len(test_indices)
     labels, preds = test.label_of(test_indices), _predicted(store, model, test, test_indices)
@@ -153,7 +160,7 @@ def trajectory(store, model, test_data, test_index: int, train_indices, *, class
     test, train, _ = _samples(test_data, train_data, encode, feature_names)
     train_indices = [int(i) for i in np.atleast_1d(train_indices)]
     x, y = test.batch([int(test_index)])
-    steps, values = store.trajectory(model, x, y, train_indices, mode, progress=False)
+    steps, values = store.trajectory(model, x, y, train_indices, mode, progress=False, train_data=_replay_data(train))
     if ax is None:
         fig, ax = plt.subplots(figsize=(7.5, 3.8), layout="constrained")
     else:
@@ -237,7 +244,7 @@ def class_matrix(store, model=None, train_data=None, test_data=None, *, class_na
     else:
         test, train, _ = _samples(test_data, train_data, encode, feature_names)
         x, y = test.all()
-        cm = store.class_matrix(model, train.labels, x, y, mode, progress=False)
+        cm = store.class_matrix(model, train.labels, x, y, mode, progress=False, train_data=_replay_data(train))
     mean = np.asarray(cm.mean, dtype=np.float64)
     vmax = float(np.nanmax(np.abs(mean))) if np.isfinite(mean).any() else 1.0
     n_rows, n_cols = len(cm.train_classes), len(cm.test_classes)
