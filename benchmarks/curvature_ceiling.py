@@ -48,7 +48,9 @@ import common  # noqa: E402
 import field_common as fc  # noqa: E402
 from curvature_agreement import SETTINGS  # noqa: E402
 
-from hydra_nb.hypergrad import transitions  # noqa: E402
+from hydra_nb.optim.sgd import SGDRule  # noqa: E402
+
+transitions = SGDRule().transitions
 
 MODELS = ("none", "hessian", "hessian ×0.9", "hessian ×1.1", "ggn", "fisher", "ggn from rows",
           "ggn from rows, Rayleigh weight", "ggn from rows, exact last layer")

@@ -1,7 +1,7 @@
 """Curvature-aware hypergradients from the stored projected rows alone (no retraining, no training data).
 
 Fast mode drops the Hessian term of the HYDRA recursion. Written for any optimizer rule whose fast
-recursion is ``(h, b) ← A_t·(h, b) + e_t·u`` (``hypergrad.transitions``: SGD with momentum, dampening,
+recursion is ``(h, b) ← A_t·(h, b) + e_t·u`` (``OptimizerRule.transitions``: SGD with momentum, dampening,
 Nesterov, weight decay; Adam/AdamW's approximation), the exact recursion puts the Hessian term where
 the injection enters:
 
@@ -97,7 +97,9 @@ from typing import Callable, Iterable, Iterator, Mapping
 import numpy as np
 import torch
 
-from .hypergrad import transitions as _default_transitions
+from .optim.sgd import SGDRule
+
+_default_transitions = SGDRule().transitions  # SGD's (A, e); a store's own rule is passed as transitions=
 
 CURVATURES = ("none", "fisher", "ggn", "scalar", "diagonal")
 BATCH_REDUCTIONS = ("mean", "sum")
