@@ -244,7 +244,7 @@ def main(argv=None) -> int:
                 explained_row = n_test
             else:
                 explained_row = explained
-            checkpoints = {"epoch 1": 1, "last": run.fast._n_checkpoints - 1}
+            checkpoints = {"epoch 1": 1, "last": len(run.fast.checkpoint_steps) - 1}
             entry = {"setting": sname, "config": vars(setting) | {"dtype": str(setting.dtype)},
                      "train_seconds": run.train_seconds, "explained_test_index": explained,
                      "n_exact": len(run.exact.tracked_indices), "checkpoints": {}}

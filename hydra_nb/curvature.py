@@ -99,7 +99,7 @@ import torch
 
 from .optim.sgd import SGDRule
 
-_default_transitions = SGDRule().transitions  # the estimates model SGD's recursion (not Adam's preconditioned one)
+_default_transitions = SGDRule().transitions  # SGD's (A, e); a store's own rule is passed as transitions=
 
 CURVATURES = ("none", "fisher", "ggn", "scalar", "diagonal")
 BATCH_REDUCTIONS = ("mean", "sum")

@@ -7,7 +7,8 @@ mode) and h_S(i) = dθ_S/dw_i comes from a hypergradient source (:mod:`hydra_nb.
 
     fast:   h_S(i) = Σ_{rows r of sample i, step t_r < S} c_{t_r→S} ⊙ u_r     (per parameter block,
             c from the Hessian-free recursion, u_r the stored projected gradients)
-    exact:  the stored full-dimensional h at that checkpoint.
+    exact:  the stored full-dimensional h at that checkpoint, or by replaying the run (every sample);
+    curvature: the fast recursion with each step's curvature estimated from its rows (docs/curvature.md).
 
 Each query is one function over a source's operations (``dot``, ``self_dot``, ``rows``), with a
 sign and a column map from dataset index to output column:
@@ -222,9 +223,10 @@ class Store:
     ``memory_budget`` (bytes; default 512 MiB) which sets the block sizes.
     """
 
-    def __init__(self, path, loss_fn: Callable | None = None):
+    def __init__(self, path, loss_fn: Callable | None = None, curvature=None):
         self.reader = StoreReader(path)
         self.loss_fn = loss_fn
+        self._curvature = curvature
         self._custom_loss = bool(self.meta["config"].get("custom_loss"))
         self._sources: dict[str, HypergradientSource] = {}
         self._replay_source: tuple | None = None  # (key, the last replay source asked for)
@@ -352,13 +354,27 @@ class Store:
         return np.arange(per_epoch, self.steps + 1, per_epoch, dtype=np.float64)
 
     # -- sources and arguments ------------------------------------------------------------------
+    @property
+    def curvature(self):
+        """Which estimate ``mode="curvature"`` uses: None (picked from the log: ``"ggn"`` for a softmax cross-entropy
+        output layer with a bias, else ``"fisher"`` for a run without momentum), a kind of
+        ``hydra_nb.curvature.CURVATURES`` or a ``CurvatureSpec``. Setting it drops the curvature source in use."""
+        return self._curvature
+
+    @curvature.setter
+    def curvature(self, value) -> None:
+        self._curvature = value
+        self._sources.pop("curvature", None)
+
     def source(self, mode: str | None = None, *, train_data=None,
                replay_tolerance: float | None = None) -> HypergradientSource:
         """The hypergradient source queries with this ``mode`` use.
 
         None: the store's own mode. ``"exact"``: the recorded ``exact/h`` of an exact-mode store, else the
         replay of the run (all training samples; needs ``train_data``). ``"replay"``: the replay, whatever
-        the store. ``"fast"``: the Hessian-free estimate from the log.
+        the store. ``"fast"``: the Hessian-free estimate from the log. ``"curvature"``: the fast recursion with
+        each step's curvature estimated from its logged rows (:attr:`curvature` says which estimate;
+        docs/curvature.md).
         """
         mode = self.mode if mode is None else mode
         if mode == "exact" and self.mode != "exact":
@@ -378,9 +394,10 @@ class Store:
                 self._replay_source = (key, cls(self.reader, train_data, tolerance=replay_tolerance))
             return self._replay_source[1]
         if mode not in self._sources:
-            if (why := cls.unavailable(self.reader)) is not None:
+            options = {name: getattr(self, name) for name in cls.store_options}
+            if (why := cls.unavailable(self.reader, **options)) is not None:
                 raise cls.unavailable_error(why)
-            self._sources[mode] = cls(self.reader)
+            self._sources[mode] = cls(self.reader, **options)
         return self._sources[mode]
 
     @property
@@ -622,9 +639,10 @@ class Store:
                 f"<table>{body}</table></div>")
 
 
-def open_store(path, loss_fn: Callable | None = None) -> Store:
-    """Open a hydra_nb store for queries. ``loss_fn`` is needed only if the run used a custom one."""
-    return Store(path, loss_fn=loss_fn)
+def open_store(path, loss_fn: Callable | None = None, curvature=None) -> Store:
+    """Open a hydra_nb store for queries. ``loss_fn`` is needed only if the run used a custom one. ``curvature``:
+    which estimate ``mode="curvature"`` uses (None: picked from the log; see :attr:`Store.curvature`)."""
+    return Store(path, loss_fn=loss_fn, curvature=curvature)
 
 
 # -- small helpers ------------------------------------------------------------------------------

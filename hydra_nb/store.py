@@ -114,6 +114,27 @@ class WriterLock:
                                  "since": _now()}).encode())
         self._fd = fd
 
+    def try_acquire(self, run_id: str, purpose: str) -> bool:
+        """Take the lock if nobody holds it, without waiting; False if someone does (or the folder is read-only).
+
+        For short writes by a reader (the curvature cache, ``hydra_nb/sources/curvature.py``): while it is held,
+        no run can start writing, resume or replace the store. ``purpose`` is noted in the lock file.
+        """
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            return False
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "run_id": run_id,
+                                 "since": _now(), "purpose": purpose}).encode())
+        self._fd = fd
+        return True
+
     def release(self) -> None:
         if self._fd is not None:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
@@ -808,6 +829,24 @@ async def _collect_keys(store, prefix: str) -> list[str]:
     return [key async for key in store.list_prefix(prefix)]
 
 
+def missing_chunk(arr, length: int) -> str | None:
+    """The key of the first chunk of ``arr``'s first ``length`` rows that is not in its store, or None.
+
+    (Zarr returns fill values for a missing chunk; every hydra_nb array writes all of its chunks.)
+    """
+    if not arr.ndim or not length:
+        return None
+    grid = [(length + arr.chunks[0] - 1) // arr.chunks[0]]
+    grid += [(n + c - 1) // c for n, c in zip(arr.shape[1:], arr.chunks[1:])]
+    prefix = f"{arr.path}/c/" if arr.path else "c/"
+    present = set(sync(_collect_keys(arr.store, prefix)))
+    for index in np.ndindex(*grid):
+        key = prefix + "/".join(str(i) for i in index)
+        if key not in present:
+            return key
+    return None
+
+
 def _array_names(group) -> list[str]:
     names = []
     for sub in ("log", "trace", "checkpoints", "exact", "replay"):
@@ -939,15 +978,10 @@ class StoreReader:
         if name in self._verified:
             return
         length = min(self._committed_length(name), arr.shape[0]) if arr.ndim else 0
-        if arr.ndim and length:
-            grid = [(length + arr.chunks[0] - 1) // arr.chunks[0]]
-            grid += [(n + c - 1) // c for n, c in zip(arr.shape[1:], arr.chunks[1:])]
-            present = set(sync(_collect_keys(arr.store, f"{arr.path}/c/")))
-            for index in np.ndindex(*grid):
-                key = f"{arr.path}/c/" + "/".join(str(i) for i in index)
-                if key not in present:
-                    raise StoreError(f"The store at {self.where!r} is damaged: chunk {key} is missing "
-                                     f"(committed data of {name}).")
+        key = missing_chunk(arr, length)
+        if key is not None:
+            raise StoreError(f"The store at {self.where!r} is damaged: chunk {key} is missing "
+                             f"(committed data of {name}).")
         self._verified.add(name)
 
     # -- description ------------------------------------------------------------------------

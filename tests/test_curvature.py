@@ -62,7 +62,7 @@ def squared(out, y):
 
 def walk_store(store, model, Xt, Yt, spec, *, block_rows=10 ** 6, checkpoint=-1, loss_fn=None):
     """Contributions (n_test, N) of ``spec`` from a store's log, by the walk (test side)."""
-    c = store._checkpoint_index(checkpoint)
+    c = store.reader.checkpoint_index(checkpoint)
     S = int(store.checkpoint_steps[c])
     G = store.test_gradients(model, Xt, Yt, checkpoint=c, loss_fn=loss_fn)
     pg = store.projector.to(dtype=DT).project_flat(G.to(DT))

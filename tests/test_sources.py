@@ -174,7 +174,7 @@ def test_a_third_source_answers_queries_through_the_same_functions(fast64, monke
 def test_modes_a_store_cannot_give(fast64):
     model, store = fast64
     X, Y = make_test_points(2)
-    with pytest.raises(ValueError, match=r"mode must be 'fast', 'exact', 'replay' or None, got 'replayed'"):
+    with pytest.raises(ValueError, match=r"mode must be 'fast', 'exact', 'replay', 'curvature' or None, got 'replayed'"):
         store.contributions(model, X, Y, mode="replayed")
     # exact answers on a fast store come from replaying the run (issue 14); this store (written by hand, as
     # stores were before replay) has no record of what replay needs: the error says so and what to do

@@ -418,7 +418,7 @@ def test_each_view_says_its_mode_and_mode_preference_is_the_one_place(tmp_path, 
     # mode= picks one for every view; an unknown one is refused at once
     assert Front(explore(str(tmp_path / "e.zarr"), model_e, (scaled[:6], labels[:6]), (scaled, labels),
                          mode="exact")).ask("rankings", test=0, k=2)["mode"] == "exact"
-    with pytest.raises(ValueError, match="mode must be one of 'fast', 'exact', 'replay' or None"):
+    with pytest.raises(ValueError, match="mode must be one of 'fast', 'exact', 'replay', 'curvature' or None"):
         explore(store, model, test, train, mode="slow")
 
 

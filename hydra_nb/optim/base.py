@@ -55,6 +55,10 @@ class OptimizerRule(ABC):
     - ``supports_exact``: whether forward exact mode (``exact_update``) follows this optimizer.
     - ``full_rows``: whether each step's per-sample gradients must be held in full until the step
       (``precondition`` needs them) instead of being projected in the capture hooks.
+    - ``curvature_rows``: whether the logged rows are the raw injections u = c·∇ℓ and the exact recursion's
+      Hessian term enters where they do (``e_t·(H_t·h + u)``), so that a curvature estimate built from a
+      step's rows (``hydra_nb.curvature``; ``mode="curvature"``) models it. SGD: yes. Adam/AdamW: no (the
+      rows are preconditioned by D_t, which the store does not hold).
     """
 
     name: str
@@ -66,6 +70,7 @@ class OptimizerRule(ABC):
     state_fields: ClassVar[tuple[str, ...]]
     supports_exact: ClassVar[bool] = False
     full_rows: ClassVar[bool] = False
+    curvature_rows: ClassVar[bool] = False
 
     # -- identity --------------------------------------------------------------------------
     @classmethod

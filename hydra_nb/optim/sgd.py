@@ -46,6 +46,7 @@ class SGDRule(OptimizerRule):
     bool_fields = frozenset({"nesterov", "first", "active"})
     state_fields = ("momentum_buffer",)
     supports_exact = True
+    curvature_rows = True
 
     @classmethod
     def claims(cls, optimizer) -> "SGDRule | None":

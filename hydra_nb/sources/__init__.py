@@ -19,7 +19,9 @@ Sources, chosen by ``Store.source(mode)`` from :data:`SOURCES`:
   the Hessian-free recursion's response coefficients, streamed block by block;
 - ``exact`` (:mod:`.exact`): the full-dimensional h of an exact run, read from ``exact/h``;
 - ``replay`` (:mod:`.replay`): exact h of every sample, by walking the recorded run backward (needs
-  the training data; ``mode="exact"`` on a store without ``exact/h`` means this source).
+  the training data; ``mode="exact"`` on a store without ``exact/h`` means this source);
+- ``curvature`` (:mod:`.curvature`): fast mode's recursion with each step's curvature estimated from
+  its logged rows (:mod:`hydra_nb.curvature`); embeddings cached in the store.
 
 A source that has no ``self_dot`` or ``rows`` inherits the methods below, which raise
 :class:`~hydra_nb.errors.UnsupportedQuery` naming the modes that have them. Every operation takes
@@ -171,6 +173,7 @@ class HypergradientSource(ABC):
     mode: str = ""
     unavailable_error: type[Exception] = ValueError  # raised with unavailable()'s reason
     needs_training_data = False  # built per query with train_data= (the replay source)
+    store_options: tuple[str, ...] = ()  # attributes of the Store passed to unavailable() and __init__ by keyword
 
     def __init__(self, reader):
         self.reader = reader
@@ -329,8 +332,10 @@ test_gradients.__test__ = False  # a function, not a pytest test, wherever it is
 from .exact import ExactSource  # noqa: E402
 from .fast import FastSource  # noqa: E402
 from .replay import ReplaySource  # noqa: E402
+from .curvature import CurvatureSource  # noqa: E402
 
-SOURCES: dict[str, type[HypergradientSource]] = {"fast": FastSource, "exact": ExactSource, "replay": ReplaySource}
+SOURCES: dict[str, type[HypergradientSource]] = {"fast": FastSource, "exact": ExactSource, "replay": ReplaySource,
+                                                 "curvature": CurvatureSource}
 
 __all__ = ["HypergradientSource", "TestPoints", "Progress", "SOURCES", "FastSource", "ExactSource", "ReplaySource",
-           "DEFAULT_MEMORY_BUDGET", "test_gradients", "positions"]
+           "CurvatureSource", "DEFAULT_MEMORY_BUDGET", "test_gradients", "positions"]
