@@ -146,7 +146,7 @@ def main(argv=None) -> int:
             print(f"[seed {seed}] replay query {t_replay:.1f} s ({len(yq)} test points × {len(y)} samples), "
                   f"‖replay − forward exact‖/‖forward exact‖ on the candidates {replay_vs_forward:.1e}")
             print(f"[seed {seed}] {len(union)} leave-one-out retrains; max |θ_tracked − θ_weighted-loop| {drift:.1e}; "
-                  + "; ".join(f"test {p['test']}: r(forward exact) {fc.pearson(p["HYDRA forward-exact (tracked candidates)"], p['actual']):.3f}"
+                  + "; ".join(f"test {p['test']}: r(forward exact) {fc.pearson(p['HYDRA forward-exact (tracked candidates)'], p['actual']):.3f}"
                               for p in pairs if p["seed"] == seed), flush=True)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
