@@ -159,7 +159,8 @@ def retrain(trainer: BatchedSGD, x, y, xq, yq, removed: np.ndarray, how: str, cf
 
 
 # -- scores ------------------------------------------------------------------------------------
-def attributions(name, seed, x, y, xq, yq, cfg, args, tmp: Path) -> tuple[dict, dict, dict, torch.nn.Module]:
+def attributions(name, seed, x, y, xq, yq, cfg, args, tmp: Path, x_all_test,
+                 y_all_test) -> tuple[dict, dict, dict, torch.nn.Module]:
     """{method: (n_test, N) scores}, {method: seconds}, info, the trained model."""
     scores, secs, info = {}, {}, {}
     ckpt = tmp / "ckpt"
@@ -206,7 +207,9 @@ def attributions(name, seed, x, y, xq, yq, cfg, args, tmp: Path) -> tuple[dict, 
     scores["random"] = np.random.default_rng(10_000 + seed).standard_normal(scores[REPLAY].shape)
     secs["random"] = 0.0
     with torch.no_grad():
-        info["test_acc_full"] = float((model(xq).argmax(1) == yq).double().mean())
+        info["test_acc_queried"] = float((model(xq).argmax(1) == yq).double().mean())
+        info["test_acc_all"] = float((model(x_all_test).argmax(1) == y_all_test).double().mean())
+        info["train_loss"] = float(fc.per_sample_losses(model, x, y).mean())
     shutil.rmtree(ckpt, ignore_errors=True)
     return scores, secs, info, model
 
@@ -261,7 +264,7 @@ def main(argv=None) -> int:
             try:
                 cfg.data_seed = seed
                 t0 = time.perf_counter()
-                scores, secs, info, model = attributions(name, seed, x, y, xq, yq, cfg, args, tmp)
+                scores, secs, info, model = attributions(name, seed, x, y, xq, yq, cfg, args, tmp, xt, yt)
                 t_attr = time.perf_counter() - t0
                 trainer = BatchedSGD(name, seed, cfg)
                 # the batched trainer with every weight one is the tracked run
