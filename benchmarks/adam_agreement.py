@@ -155,6 +155,7 @@ def main() -> None:
     data = digits(args.n_train, args.n_test)
     xt, yt = data[2], data[3]
     rows, diags = [], []
+    load = common.LoadMeter()
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         for model_name in args.models:
@@ -189,9 +190,11 @@ def main() -> None:
     common.print_table(diags, dcols, digits=3, title="Projection diagnostics (full-dimensional runs)")
     print(common.markdown_table(diags, dcols, digits=3))
     wall = time.perf_counter() - start
+    load = load.read()
+    print(f"other processes used {100 * (load['foreign_cpu_share'] or 0):.0f}% of the machine's CPU during this run")
     print(f"wall time {wall:.1f} s")
     common.write_json("adam_agreement" + ("_quick" if args.quick else ""), {"config": vars(args), "n_train": len(data[0]), "rows": rows, "projection_diagnostics": diags,
-                                         "wall_seconds": wall, "machine": common.machine_info(),
+                                         "wall_seconds": wall, "load": load, "machine": common.machine_info(),
                                          "git": common.git_revision()})
 
 
