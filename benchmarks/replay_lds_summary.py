@@ -22,7 +22,7 @@ import common  # noqa: E402
 import field_common as fc  # noqa: E402
 
 REPLAY = "HYDRA replay-exact"
-NOT_PEERS = (REPLAY, "random", "ceiling")
+NOT_PEERS = (REPLAY, "random", "ceiling", "ceiling, noise-free predictor")
 
 
 def mean_std(vals) -> str:
@@ -39,6 +39,18 @@ def test_accuracy(model: str, seed: int, c: dict) -> float:
     m = fc.train_plain(fc.make_model(model, seed), x, y, cfg)
     with torch.no_grad():
         return float((m(xt).argmax(1) == yt).double().mean())
+
+
+def noise_free(per_seed, cell) -> str:
+    """The noise-free predictor's ceiling (replay_lds.py's row); for runs made before it was recorded,
+    √ of the mean two-retrain LDS (marked ≈; an upper estimate of the mean of the √s)."""
+    vals = [r["lds"][cell].get("ceiling, noise-free predictor") for r in per_seed]
+    if all(v is not None for v in vals):
+        return mean_std(vals)
+    raw = [r["lds"][cell].get("ceiling") for r in per_seed]
+    if any(v is None for v in raw):
+        return "–"
+    return "≈ " + mean_std([math.sqrt(max(v, 0.0)) for v in raw])
 
 
 def fraction(cell: str) -> float:
@@ -65,6 +77,7 @@ def rows_of(path: Path, n_train: int) -> list[dict]:
                 "best peer": f"{peer_mean[best]:.3f} ({best})",
                 "slope actual/replay": mean_std([r["lds"][cell].get("_slope actual/replay") for r in per_seed]),
                 "ceiling": mean_std([r["lds"][cell].get("ceiling") for r in per_seed]),
+                "noise-free ceiling": noise_free(per_seed, cell),
                 "file": path.name,
             })
     return rows
