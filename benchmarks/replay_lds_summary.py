@@ -72,7 +72,7 @@ def rows_of(path: Path, n_train: int) -> list[dict]:
                 "model": model, "lr": c["lr"], "momentum": c["momentum"], "batch": c["batch_size"],
                 "epochs": c["epochs"], "steps": steps, "seeds": len(per_seed),
                 "test acc": mean_std(acc),
-                "cell": cell,
+                "cell": cell, "ε": c.get("down_weight", 1.0) if cell.startswith("zero") else "–",
                 "replay-exact": mean_std([r["lds"][cell][REPLAY] for r in per_seed]),
                 "best peer": f"{peer_mean[best]:.3f} ({best})",
                 "slope actual/replay": mean_std([r["lds"][cell].get("_slope actual/replay") for r in per_seed]),
@@ -90,7 +90,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     torch.set_default_dtype(torch.float64)
     rows = [r for f in args.files for r in rows_of(f, args.n_train)]
-    rows.sort(key=lambda r: (r["model"], r["lr"] / (1 - r["momentum"]), r["steps"], r["file"]))  # stable: cells stay
+    rows.sort(key=lambda r: (r["model"], r["lr"] / (1 - r["momentum"]), r["steps"], -r["batch"], r["file"]))  # stable sort
     common.print_table(rows, title="replay_lds.py runs")
     return 0
 
