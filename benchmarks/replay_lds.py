@@ -233,7 +233,8 @@ def frac_label(f: float) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="smoke run: seed 0, 20 subsets, 10 test points, 1 epoch")
-    ap.add_argument("--models", nargs="+", default=["MLP", "SmallCNN"], choices=["MLP", "SmallCNN"])
+    ap.add_argument("--models", nargs="+", default=["MLP", "SmallCNN"], choices=["MLP", "SmallCNN", "SmoothCNN"],
+                    help="SmoothCNN: SmallCNN with GELU and average pooling (a diagnostic)")
     ap.add_argument("--seeds", type=int, nargs="+", default=None, help="default 0 1 2 (--quick: 0)")
     ap.add_argument("--fractions", type=float, nargs="+", default=[0.01, 0.05, 0.10, 0.50])
     ap.add_argument("--removal", nargs="+", default=["zero", "drop"], choices=["zero", "drop"])

@@ -42,7 +42,8 @@ EPS = (1e-8, 1e-6, 1e-4, 1e-3, 1e-2, 1e-1, 0.3, 1.0)
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="1 seed, 4 samples, 4 test points, 1 epoch")
-    ap.add_argument("--models", nargs="+", default=["MLP", "SmallCNN"], choices=["MLP", "SmallCNN"])
+    ap.add_argument("--models", nargs="+", default=["MLP", "SmallCNN"], choices=["MLP", "SmallCNN", "SmoothCNN"],
+                    help="SmoothCNN: SmallCNN with GELU and average pooling (a diagnostic)")
     ap.add_argument("--seeds", type=int, nargs="+", default=None, help="default 0 1 (--quick 0)")
     ap.add_argument("--n-samples", type=int, default=None, help="random training samples per seed (default 20)")
     ap.add_argument("--n-test", type=int, default=None, help="test points (default 20)")
