@@ -34,7 +34,7 @@ from hydra_nb.examples import MLP, LeNet5, SmallCNN, load_digits  # noqa: E402
 
 
 # -- models ----------------------------------------------------------------------------------
-from models import ResNet8  # noqa: E402
+from models import ResNet8, SmoothCNN  # noqa: E402
 
 
 MODELS = {
@@ -43,6 +43,7 @@ MODELS = {
     "SmallCNN": (SmallCNN, 8),
     "LeNet5": (LeNet5, 28),
     "ResNet8": (ResNet8, 32),
+    "SmoothCNN": (SmoothCNN, 8),  # SmallCNN with GELU and average pooling: a diagnostic (replay_lds.py)
 }
 
 
