@@ -7,7 +7,7 @@ For each noise rate and seed: flip that fraction of the 1,438 training labels to
 ``--epochs`` epochs, float64) and rank every training sample by
 
 * HYDRA self-influence, fast mode, projected (k = 1024) and full dimension (``store.self_influence``,
-  largest first);
+  largest first), and the same from ``mode="curvature"`` (issue 16);
 * TracIn self-influence: Captum ``TracInCP.self_influence`` over the per-epoch checkpoints of the same run;
 * influence-function self-influence g_iᵀ(G + λI)⁻¹g_i, G the exact generalized Gauss-Newton matrix at
   θ_T (eigendecomposition, λ = 0.01 and 0.1);
@@ -92,6 +92,11 @@ def run(rate: float, seed: int, x, y_clean, xt, yt, cfg, args, tmp: Path) -> dic
         t0 = time.perf_counter()
         scores[label] = hydra_nb.open_store(tmp / f"h{k}.zarr").self_influence(m, (x, y), progress=False)
         secs[label] = s + time.perf_counter() - t0
+        curvature = label.replace("fast", "curvature")  # issue 16: the curvature estimate from the same log
+        t0 = time.perf_counter()
+        scores[curvature] = hydra_nb.open_store(tmp / f"h{k}.zarr").self_influence(m, (x, y), mode="curvature",
+                                                                                  progress=False)
+        secs[curvature] = s + time.perf_counter() - t0
         if model is None:
             model, ckpt_paths = m, paths
 
