@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import nn
 
+from hydra_nb.examples import SmallCNN
+
 
 class BasicBlock(nn.Module):
     """A ResNet basic block without BatchNorm (hydra_nb refuses BatchNorm in training mode)."""
@@ -38,17 +40,11 @@ class ResNet8(nn.Module):
         return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
 
 
-class SmoothCNN(nn.Module):
+class SmoothCNN(SmallCNN):
     """hydra_nb.examples.SmallCNN with its kinks smoothed: GELU for ReLU, average for max pooling. The same
     layers and parameters (1,898; the same initial values for a seed), so that a training run's outcome is a
     smooth function of the data weights (with ReLU and max pooling an SGD step's gradient jumps where a unit
     or a pooling winner switches): the diagnostic model of benchmarks/replay_lds.py and replay_linearity.py."""
-
-    def __init__(self, n_classes: int = 10):
-        super().__init__()
-        self.conv1 = nn.Conv2d(1, 8, 3, padding=1)
-        self.conv2 = nn.Conv2d(8, 16, 3, padding=1)
-        self.fc = nn.Linear(16 * 2 * 2, n_classes)
 
     def forward(self, x):
         x = F.avg_pool2d(F.gelu(self.conv1(x)), 2)
