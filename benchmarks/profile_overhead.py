@@ -1,4 +1,4 @@
-"""Where does the tracking overhead go? LeNet5 on 28×28 digits, mode='fast', projection_dim=1024.
+"""Where does the tracking overhead go? LeNet5 on 28×28 digits, mode="fast" (or --mode replay), projection_dim=1024.
 
 1. cProfile over tracked epochs: the hydra_nb functions (and others) by total and cumulative time.
 2. torch.profiler over plain and over tracked epochs: aten ops by self CPU time, side by side.
@@ -39,6 +39,8 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--model", default="LeNet5", choices=list(MODELS))
     ap.add_argument("--projection-dim", type=int, default=1024)
+    ap.add_argument("--mode", default="fast", choices=["fast", "replay"],
+                    help="the recording profiled: fast (rows) or replay (replay-only, issue 17)")
     ap.add_argument("--top", type=int, default=25)
     args = ap.parse_args(argv)
     epochs = args.epochs or (1 if args.quick else 5)
@@ -60,7 +62,7 @@ def main(argv=None) -> int:
         run_epoch(plain_model, plain_opt, plain_loader, device)  # warm-up
         load = common.LoadMeter()
         with hydra_nb.track(tracked_model, tracked_loader, store=str(tmp / "p.zarr"), optimizer=tracked_opt,
-                            mode="fast", projection_dim=args.projection_dim, overwrite=True, seed=0) as tracker:
+                            mode=args.mode, projection_dim=args.projection_dim, overwrite=True, seed=0) as tracker:
             run_epoch(tracked_model, tracked_opt, tracked_loader, device)  # warm-up
             drain_writer(tracker, 2)
 
@@ -131,7 +133,7 @@ def main(argv=None) -> int:
                    "plain_ms_per_epoch_cprofile": plain_wall / epochs * 1e3, "foreign_cpu_share": other,
                    "hydra_functions": hyd[:60], "functions_by_tottime": by_tot[:60], "torch_ops": ops[:60],
                    "torch_self_cpu_ms_per_epoch": {"plain": tot_p, "tracked": tot_t}})
-    common.write_json("profile_overhead_quick" if args.quick else "profile_overhead", result)
+    common.write_json(("profile_overhead_quick" if args.quick else "profile_overhead") + ("_replay" if args.mode == "replay" else ""), result)
     return 0
 
 

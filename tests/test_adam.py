@@ -259,7 +259,7 @@ def test_adam_maximize_is_refused(tmp_path):
 @pytest.mark.parametrize("cls", [torch.optim.Adam, torch.optim.AdamW])
 def test_adam_exact_mode_is_refused(tmp_path, cls):
     msg = _refused(tmp_path, lambda m: cls(m.parameters(), lr=0.01), mode="exact")
-    assert "mode='exact' supports torch.optim.SGD only" in msg and "mode='fast'" in msg
+    assert "mode='exact' supports torch.optim.SGD only" in msg and "mode='fast'" in msg and "train_data=" in msg
 
 
 def test_other_optimizers_still_refused(tmp_path):

@@ -20,7 +20,8 @@ b = dm/dw_i: b ← β1·b + (1−β1)·u_t, h ← (1−ηλ)·h − η/(1−β1^
 injection at step s uses D_s at every later step; then the log row is r_s = D_s ⊙ u_s
 (``precondition``, projected afterwards) and with b in preconditioned units the recursion is scalar
 per tensor again: b ← β1·b + (1−β1)·r, h ← (1−ηλ)·h − η/(1−β1^t)·b (``transitions``). Coupled L2
-(Adam with weight_decay > 0) and exact mode are refused (``validate``).
+(Adam with weight_decay > 0) is refused in fast mode and taken by ``mode="replay"``; forward exact mode is
+refused (``validate``): exact answers come from replaying the real update (``functional_step``).
 """
 
 from __future__ import annotations
@@ -94,9 +95,10 @@ class AdamRule(OptimizerRule):
 
     def exact_refusal(self) -> str:
         kind = self.name
-        return (f"mode='exact' supports torch.optim.SGD only: hydra_nb's {kind} recursion is an approximation "
+        return (f"mode='exact' supports torch.optim.SGD only: hydra_nb's forward {kind} recursion is an approximation "
                 "(the second moment held fixed, Hessian terms dropped; see docs/optimizers.md), so there is no "
-                f"exact {kind} mode. Use mode='fast' with {kind}, or train with SGD for exact hypergradients.")
+                f"forward exact {kind} mode. Use mode='fast' (or mode='replay') with {kind}: exact answers for every "
+                "sample then come from replay, store.contributions(..., mode='exact', train_data=...).")
 
     # -- what a store records --------------------------------------------------------------
     def read_step(self, optimizer, params: list[nn.Parameter], layout: ParamLayout) -> Row:
