@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 from .data import as_pair, check_points, default_loss
+from .errors import UnsupportedQuery
 from .replay import replay_problem
 from .sources import (DEFAULT_MEMORY_BUDGET, SOURCES, HypergradientSource, Progress, TestPoints, positions,
                       test_gradients)
@@ -400,6 +401,34 @@ class Store:
             self._sources[mode] = cls(self.reader, **options)
         return self._sources[mode]
 
+    def _check_operation(self, mode: str | None, operation: str, what: str) -> None:
+        """Raise :class:`UnsupportedQuery` before any work if ``mode``'s source has no ``operation`` (a replay walks
+        the run once per test vector, so it has no self-influence), naming the modes this store can answer it in, or
+        why it has none (a replay-only recording holds no per-sample rows)."""
+        resolved = self.mode if mode is None else mode
+        if resolved == "exact" and self.mode != "exact":
+            resolved = "replay"
+        cls = SOURCES.get(resolved)
+        if cls is None or getattr(cls, operation) is not getattr(HypergradientSource, operation):
+            return  # an unknown mode gets source()'s message
+        able, having = [], []
+        for name, other in SOURCES.items():
+            if getattr(other, operation) is getattr(HypergradientSource, operation):
+                continue
+            having.append(name)
+            options = {key: getattr(self, key) for key in other.store_options}
+            if other.unavailable(self.reader, **options) is None:
+                able.append(name)
+        if able:
+            instead = "Ask with " + " or ".join(f"mode={m!r}" for m in able) + "."
+        else:
+            instead = (f"Only {', '.join(map(repr, having))} can give it, from per-sample rows or recorded "
+                       f"hypergradients, and this run (recorded with mode={self.mode!r}) holds neither: track with "
+                       "mode='fast' (the default) for it.")
+        reason = (f"a replay walks the run once per test vector, and {what} would need a walk per training sample"
+                  if cls.needs_training_data else f"its source has no {operation} operation")
+        raise UnsupportedQuery(f"{what.capitalize()} cannot come from mode={resolved!r}: {reason}. {instead}".strip())
+
     @property
     def replays(self) -> bool:
         """Whether exact answers by replay are available for this run (see :attr:`replay_status`)."""
@@ -502,6 +531,7 @@ class Store:
         (fast mode; ⌈N·k·4 / (budget/2)⌉ passes, one for N·k·4 ≤ budget/2). Exact mode reads
         ``exact/h`` for each block instead of the log.
         """
+        self._check_operation(mode, "self_dot", "self-influence")
         source, budget = self.source(mode), _budget(memory_budget)
         c = self.reader.checkpoint_index(checkpoint)
         train = TestPoints.of_dataset(model, dataset, self._loss(loss_fn))

@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, RandomSampler, TensorDataset
 
 import hydra_nb
-from hydra_nb.errors import ReplayError
+from hydra_nb.errors import ReplayError, UnsupportedQuery
 from hydra_nb.store import read_meta
 from reference import (DT, AdamRun, Run, ce_loss, expected_checkpoints, make_data, make_loader, make_mlp, rel_err,
                        tracked_training, train, unrolled_contributions)
@@ -404,3 +404,18 @@ def test_replay_leaves_the_users_model_and_random_state_alone(tmp_path):
     assert not model.training
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert torch.equal(torch.get_rng_state(), rng)
+
+
+def test_a_replay_only_store_refuses_self_influence_before_any_work(tmp_path):
+    """Self-influence needs a walk per training sample by replay: asked of a replay-only recording (no rows), it is
+    refused at once, saying which modes could give it and why this store has none of them; its exact answers work."""
+    X, Y, Xt, Yt = make_data()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).to(DT)
+    opt = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9)
+    run, store = tracked_training(tmp_path, model, opt, make_loader(X, Y), X, Y, epochs=1, mode="replay")
+    for mode in (None, "exact", "replay"):
+        with pytest.raises(UnsupportedQuery, match=r"Self-influence cannot come from mode='replay'.*'fast'.*"
+                                                   r"recorded with mode='replay'.*mode='fast'"):
+            store.self_influence(model, (X, Y), mode=mode, progress=lambda done, total: pytest.fail("work began"))
+    assert np.isfinite(replay_exact(store, model, Xt, Yt, X, Y)).all()
