@@ -263,7 +263,7 @@ class Store:
 
     @property
     def mode(self) -> str:
-        """How the run was tracked: ``"fast"`` or ``"exact"``."""
+        """How the run was tracked: ``"fast"``, ``"exact"`` or ``"replay"`` (no per-sample rows: :meth:`add_rows`)."""
         return self.reader.mode
 
     @property
