@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -109,6 +110,15 @@ def compare_fast_views(fast, rows, model, X, Y, Xt, Yt) -> None:
     want = fast.class_matrix(model, Y.numpy(), Xt, Yt, progress=False)
     np.testing.assert_array_equal(got.counts, want.counts)
     assert rel_err(np.nan_to_num(got.mean), np.nan_to_num(want.mean)) < ROWS_TOL
+    if rows.optimizer_rule.curvature_rows:  # the curvature estimate is built from the rows (and the replay record)
+        try:
+            want = fast.contributions(model, Xt, Yt, mode="curvature", progress=False)
+        except ValueError as exc:  # e.g. accumulation's weights: refused alike
+            with pytest.raises(ValueError, match=re.escape(str(exc)[:60])):
+                rows.contributions(model, Xt, Yt, mode="curvature", progress=False)
+        else:
+            got = rows.contributions(model, Xt, Yt, mode="curvature", progress=False)
+            assert rel_err(got, want) < ROWS_TOL
 
 
 CASES = {
