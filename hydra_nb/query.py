@@ -264,7 +264,7 @@ class Store:
 
     @property
     def mode(self) -> str:
-        """How the run was tracked: ``"fast"`` or ``"exact"``."""
+        """How the run was tracked: ``"fast"``, ``"exact"`` or ``"replay"`` (no per-sample rows: :meth:`add_rows`)."""
         return self.reader.mode
 
     @property
@@ -591,6 +591,38 @@ class Store:
                 if name in named_buffers and value.is_floating_point():
                     named_buffers[name].copy_(value)
         return out.eval()
+
+    def add_rows(self, model: nn.Module, train_data, projection_dim: int | None = 1024, *, path=None,
+                 seed: int | None = None, loss_fn=None, progress=None, replay_tolerance: float | None = None,
+                 overwrite: bool = False) -> "Store":
+        """Fast-mode rows for a run tracked with ``mode="replay"``: a new store holding the same run with the
+        per-sample log that ``track(mode="fast", projection_dim=..., seed=...)`` would have written, opened.
+
+        The run is replayed forward from its checkpoints (each interval checked on arrival against the stored
+        parameters, as ``mode="exact"`` queries check it: ``ReplayError`` otherwise) under ``hydra_nb.track``
+        itself, so each row is what fast-mode tracking logs: sample i's gradient as it entered ``.grad`` at step
+        t, u = c_b·∇θ ℓ(z_i; θ_t) (the loss weight c_b included; Adam/AdamW: D_t ⊙ u), projected with the
+        tensor sketch of (``projection_dim``, ``seed``; None: the seed the run was tracked with; full dimension
+        for ``projection_dim=None``). The new store also holds the trace, the checkpoints (equal to this
+        store's) and a replay record: it answers every mode (fast, curvature, exact by replay) and the views
+        that need rows (self-influence, the class matrix, the explorer's fast preview).
+
+        ``path``: where (default ``<store>-rows.zarr`` beside this one); an existing path is refused unless
+        ``overwrite=True``. This store is only read; the new one is written into a temporary folder and renamed
+        into place once complete and checked. ``model``: the tracked architecture (a copy trains; ``model`` is
+        left alone). ``train_data``: the training set as the tracked loader's dataset indexes it, checked
+        against the run's fingerprint before anything is written. Refused, saying what to do: a store with
+        rows already (fast or exact mode), a run that does not replay (``replay_status``), a distributed run.
+        Cost: about one training run plus fast-mode tracking's overhead; ``progress`` counts replayed steps.
+        """
+        from .replay.rows import add_rows
+
+        loss = self._loss(loss_fn)
+        with Progress(progress, "add_rows") as bar:
+            target = add_rows(self.reader, model, train_data, projection_dim, loss_fn=loss,
+                              custom_loss=self._custom_loss, path=path, seed=seed, progress=bar,
+                              tolerance=replay_tolerance, overwrite=overwrite)
+        return Store(target, loss_fn=self.loss_fn, curvature=self._curvature)
 
     def hypergradients(self, checkpoint: int = -1, train_indices=None, mode: str | None = None, *,
                        progress=None, memory_budget: int | None = None) -> np.ndarray:

@@ -32,7 +32,7 @@ from torch import nn
 
 from ..errors import TrackingConfigError
 from ..params import ParamLayout
-from .base import OptimizerRule, Row, State, copy_or_none, scalar
+from .base import OptimizerRule, Row, State, copy_or_none, group_values, scalar
 
 
 def sqrt0(v: torch.Tensor) -> torch.Tensor:
@@ -130,6 +130,46 @@ class AdamRule(OptimizerRule):
         """
         states = [optimizer.state.get(p, {}) for p in params]
         return {f: [copy_or_none(s.get(f)) for s in states] for f in self.state_fields}
+
+    # -- the optimizer itself -------------------------------------------------------------------
+    def make_optimizer(self, groups, row: Row, layout: ParamLayout) -> torch.optim.Adam:
+        """``torch.optim.AdamW`` (a store named "AdamW") or ``torch.optim.Adam`` over ``groups``, row's hyperparameters."""
+        values = group_values([p for g in groups for p in g], layout, row, len(groups))
+        spec = [{"params": g, **self._group(v)} if v is not None else {"params": g} for g, v in zip(groups, values)]
+        cls = torch.optim.AdamW if self.name == "AdamW" else torch.optim.Adam
+        return cls(spec, foreach=False)
+
+    @staticmethod
+    def _group(v: dict) -> dict:
+        return {"lr": float(v["lr"]), "betas": (float(v["beta1"]), float(v["beta2"])), "eps": float(v["eps"]),
+                "weight_decay": float(v["weight_decay"]), "amsgrad": bool(v["amsgrad"])}
+
+    def apply_row(self, optimizer, params, layout: ParamLayout, row: Row) -> None:
+        for group, v in zip(optimizer.param_groups, group_values(params, layout, row, len(optimizer.param_groups))):
+            if v is not None:
+                group.update(self._group(v))
+                if "decoupled_weight_decay" in group:
+                    group["decoupled_weight_decay"] = bool(v["decoupled"])
+
+    def load_state(self, optimizer, params, state: State, row: Row | None) -> None:
+        """m, v (and v̂) per parameter, copies, with torch's step count t before the step of ``row``: the row's count
+        after it, less one where the parameter is active then (``row`` None: the count torch holds is kept).
+        A parameter without m has no state (its first step is still to come)."""
+        for k, p in enumerate(params):
+            values = {f: state.get(f, [None] * len(params))[k] for f in self.state_fields}
+            if values["exp_avg"] is None:
+                optimizer.state.pop(p, None)
+                continue
+            old = optimizer.state.get(p, {})
+            if row is not None:
+                t = float(row["step"][k]) - (1.0 if row["active"][k] else 0.0)
+            else:
+                t = float(old["step"]) if "step" in old else 0.0
+            new = {"step": torch.tensor(t, dtype=torch.float32)}
+            for f, v in values.items():
+                if v is not None:
+                    new[f] = v.detach().to(device=p.device, dtype=p.dtype).clone()
+            optimizer.state[p] = new
 
     # -- the log and the recursion -------------------------------------------------------------
     def preconditioner(self, optimizer, params: list[nn.Parameter]) -> list[torch.Tensor | None]:

@@ -128,6 +128,25 @@ class OptimizerRule(ABC):
     def read_state(self, optimizer: torch.optim.Optimizer, params: list[nn.Parameter]) -> State:
         """The optimizer's state as ``functional_step`` takes it: ``{field: [detached copy or None per param]}``."""
 
+    # -- the optimizer itself (``Store.add_rows`` drives a real one through a recorded run) ----------
+    def make_optimizer(self, groups: list[list[nn.Parameter]], row: Row, layout: ParamLayout) -> torch.optim.Optimizer:
+        """A ``torch.optim`` optimizer of this rule's kind over ``groups`` (one list per recorded parameter group,
+        in the layout's group order), with the hyperparameters of trace ``row`` (``apply_row``)."""
+        raise NotImplementedError(f"hydra_nb cannot rebuild a {self.name} optimizer from a store")
+
+    def apply_row(self, optimizer: torch.optim.Optimizer, params: list[nn.Parameter], layout: ParamLayout,
+                  row: Row) -> None:
+        """Set every parameter group's hyperparameters to those trace ``row`` recorded (call before ``step``):
+        the inverse of ``read_step`` for the fields a group holds. A scheduler's effect is in the row."""
+        raise NotImplementedError(f"hydra_nb cannot rebuild a {self.name} optimizer from a store")
+
+    def load_state(self, optimizer: torch.optim.Optimizer, params: list[nn.Parameter], state: State,
+                   row: Row | None) -> None:
+        """Put ``state`` (as ``read_state`` returns it; None: torch holds none for that parameter) into
+        ``optimizer``, for the step whose trace row is ``row`` (None: no step follows). The inverse of
+        ``read_state``; a rule whose state has a step count takes it from ``row``."""
+        raise NotImplementedError(f"hydra_nb cannot rebuild a {self.name} optimizer from a store")
+
     # -- the log and the recursions ------------------------------------------------------------
     def precondition(self, optimizer: torch.optim.Optimizer, params: list[nn.Parameter], layout: ParamLayout,
                      rows: torch.Tensor) -> torch.Tensor:
@@ -185,3 +204,13 @@ def scalar(x) -> float:
 
 def copy_or_none(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.detach().clone()
+
+
+def group_values(params: list[nn.Parameter], layout: ParamLayout, row: Row, n_groups: int) -> list[dict | None]:
+    """Per parameter group, the trace row's values of its first tracked parameter (every parameter of a group
+    shares them), by field; None for a group without tracked parameters."""
+    out: list[dict | None] = [None] * n_groups
+    for k, slot in enumerate(layout.slots):
+        if out[slot.group] is None:
+            out[slot.group] = {f: v[k] for f, v in row.items()}
+    return out

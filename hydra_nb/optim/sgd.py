@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from ..params import ParamLayout
-from .base import OptimizerRule, Row, State, copy_or_none, scalar
+from .base import OptimizerRule, Row, State, copy_or_none, group_values, scalar
 
 
 class SGDRule(OptimizerRule):
@@ -77,6 +77,31 @@ class SGDRule(OptimizerRule):
         """``momentum_buffer`` per parameter (None before its first momentum step), detached copies."""
         return {"momentum_buffer": [copy_or_none(optimizer.state.get(p, {}).get("momentum_buffer"))
                                     for p in params]}
+
+    # -- the optimizer itself -------------------------------------------------------------------
+    def make_optimizer(self, groups, row: Row, layout: ParamLayout) -> torch.optim.SGD:
+        """``torch.optim.SGD`` over ``groups`` with row's lr, momentum, dampening, weight decay and Nesterov."""
+        values = group_values([p for g in groups for p in g], layout, row, len(groups))
+        spec = [{"params": g, **self._group(v)} if v is not None else {"params": g} for g, v in zip(groups, values)]
+        return torch.optim.SGD(spec, lr=0.0, foreach=False)
+
+    @staticmethod
+    def _group(v: dict) -> dict:
+        return {"lr": float(v["lr"]), "momentum": float(v["momentum"]), "dampening": float(v["dampening"]),
+                "weight_decay": float(v["weight_decay"]), "nesterov": bool(v["nesterov"])}
+
+    def apply_row(self, optimizer, params, layout: ParamLayout, row: Row) -> None:
+        for group, v in zip(optimizer.param_groups, group_values(params, layout, row, len(optimizer.param_groups))):
+            if v is not None:
+                group.update(self._group(v))
+
+    def load_state(self, optimizer, params, state: State, row: Row | None) -> None:
+        """Each parameter's ``momentum_buffer`` (a copy), or none where ``state`` has None."""
+        for p, buf in zip(params, state.get("momentum_buffer", [None] * len(params))):
+            if buf is None:
+                optimizer.state[p].pop("momentum_buffer", None)
+            else:
+                optimizer.state[p]["momentum_buffer"] = buf.detach().to(device=p.device, dtype=p.dtype).clone()
 
     # -- the recursions ------------------------------------------------------------------------
     def transitions(self, trace: Row) -> tuple[np.ndarray, np.ndarray]:

@@ -123,7 +123,8 @@ def _store_refusal(reader) -> str | None:
     """Why no curvature estimate can be made from this store's log whatever the estimate, or None."""
     if reader.mode == "replay":
         return ("This run was recorded with mode='replay': it holds no per-sample rows, so there is no curvature "
-                "estimate. Ask for exact answers with mode='exact' and train_data=... (replaying the run).")
+                "estimate. Ask for exact answers with mode='exact' and train_data=... (replaying the run), "
+                "or add the rows: store.add_rows(model, train_data) replays the run once into a new fast-mode store.")
     if len(reader.log_parts) != 1:
         return (f"This is a distributed run whose log is in {len(reader.log_parts)} parts (one per rank); the "
                 "curvature estimate needs every row of each step together, which hydra_nb does not merge yet. "

@@ -55,7 +55,8 @@ class FastSource(HypergradientSource):
     def unavailable(cls, reader) -> str | None:
         if reader.mode == "replay":
             return ("This run was recorded with mode='replay': it holds no per-sample rows, so there is no fast estimate. "
-                    "Ask for exact answers with mode='exact' and train_data=... (replaying the run).")
+                    "Ask for exact answers with mode='exact' and train_data=... (replaying the run), "
+                    "or add the rows: store.add_rows(model, train_data) replays the run once into a new fast-mode store.")
         return None
 
     def __init__(self, reader, transitions: Callable | None = None):
