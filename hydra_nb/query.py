@@ -424,7 +424,8 @@ class Store:
         else:
             instead = (f"Only {', '.join(map(repr, having))} can give it, from per-sample rows or recorded "
                        f"hypergradients, and this run (recorded with mode={self.mode!r}) holds neither: track with "
-                       "mode='fast' (the default) for it.")
+                       "mode='fast' (the default), or add the rows: store.add_rows(model, train_data) replays the "
+                       "run once into a new fast-mode store.")
         reason = (f"a replay walks the run once per test vector, and {what} would need a walk per training sample"
                   if cls.needs_training_data else f"its source has no {operation} operation")
         raise UnsupportedQuery(f"{what.capitalize()} cannot come from mode={resolved!r}: {reason}. {instead}".strip())
