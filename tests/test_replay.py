@@ -198,6 +198,34 @@ def test_a_small_memory_budget_replays_in_pieces(tmp_path):
     check(run, store, model, X, Y, Xt, Yt)
 
 
+def test_the_budget_bounds_how_many_test_vectors_share_a_product(tmp_path, monkeypatch):
+    """Each test vector in a vmapped product costs about one step graph G: a quarter of the budget bounds how many
+    go through it together (⌊budget/4 / G⌋, at least 1); the numbers do not depend on it."""
+    from hydra_nb.replay.walk import Replayer
+
+    X, Y, Xt, Yt = make_data()
+    model = make_mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9)
+    run, store = tracked_training(tmp_path, model, opt, make_loader(X, Y), X, Y, epochs=2)
+    seen = []
+    original = Replayer._batched_vjp
+
+    def spy(self, outputs, inputs, cots):
+        seen.append((cots[0].shape[0], self.graph_bytes))
+        return original(self, outputs, inputs, cots)
+
+    monkeypatch.setattr(Replayer, "_batched_vjp", spy)
+    whole = replay_exact(store, model, Xt, Yt, X, Y)
+    assert max(n for n, _ in seen) == len(Xt) > 1  # the default budget holds every vector at once here
+    graph = seen[0][1]
+    assert graph > 0
+    seen.clear()
+    budget = 4 * 2 * graph + 3  # a quarter: room for two vectors in the product (states: at least 2, as always)
+    small = replay_exact(store, model, Xt, Yt, X, Y, memory_budget=budget)
+    assert max(n for n, _ in seen) == 2 and len(Xt) > 2
+    np.testing.assert_allclose(small, whole, rtol=1e-12, atol=1e-15)
+
+
 def test_a_dataset_of_items_and_a_custom_loss(tmp_path):
     X, Y, Xt, Yt = make_data()
     model = make_mlp()

@@ -33,6 +33,8 @@ an interval longer than L is replayed once keeping every ⌈n/L⌉-th state, the
 
 from __future__ import annotations
 
+import contextlib
+
 import math
 import time
 from dataclasses import dataclass
@@ -105,8 +107,8 @@ class Replayer:
 
     def __init__(self, recording: Recording, model: nn.Module, rule, batch: Callable, loss_fn: Callable, *,
                  device: torch.device, dtype: torch.dtype, tolerance: float | None = None,
-                 state_memory: int = 256 << 20, cotangent_chunk: int = 64, progress=None,
-                 vjp_method: str = "auto"):
+                 state_memory: int = 256 << 20, cotangent_chunk: int = 64, vjp_memory: int | None = None,
+                 progress=None, vjp_method: str = "auto"):
         self.rec = recording
         self.model = model
         self.rule = rule
@@ -116,12 +118,16 @@ class Replayer:
         self.tolerance = DEFAULT_TOLERANCE.get(dtype, 1e-3) if tolerance is None else float(tolerance)
         self.state_memory = int(state_memory)
         self.cotangent_chunk = max(1, int(cotangent_chunk))
+        # bytes the vmapped products may hold: each cotangent in flight costs about one step graph (G, measured on
+        # the first step), so at most ⌊vjp_memory / G⌋ of them go through a product together (at least 1)
+        self.vjp_memory = None if vjp_memory is None else int(vjp_memory)
+        self._chunk_sized = False
         self.progress = progress
         self.layout = recording.layout
         self.names = [s.name for s in self.layout.slots]
         self.drift: dict[int, float] = {}  # checkpoint index → relative drift measured on arrival
         self.vjp_method = vjp_method  # "auto", "batched" or "loop" (see _batched_vjp)
-        self.graph_bytes = 0  # measured: one step's kept graph (its saved tensors) and state
+        self.graph_bytes = 0  # measured: one step's kept graph (its saved tensors) and state, on the first step
         self.vjp_seconds: dict[str, float] = {}
         self._batches: dict[int, list] = {}
 
@@ -316,20 +322,9 @@ class Replayer:
         (the first step's saved tensors are counted: ``graph_bytes``); else None, having replayed one step."""
         graphs, state = [], start
         for t in range(lo, hi):
-            if t == lo:
-                counted = [0]
-
-                def pack(x):
-                    counted[0] += x.numel() * x.element_size()
-                    return x
-
-                with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
-                    graph = self._graph(t, state, span)
-                self.graph_bytes = counted[0] + start.nbytes()
-                if self.graph_bytes * (hi - lo) > self.state_memory:
-                    return None
-            else:
-                graph = self._graph(t, state, span)
+            graph = self._graph(t, state, span)
+            if t == lo and self.graph_bytes * (hi - lo) > self.state_memory:
+                return None
             graphs.append(graph)
             state = graph.after
             self._tick()
@@ -358,10 +353,19 @@ class Replayer:
         opt = {f: [None if s is None else s.detach().requires_grad_(True) for s in v] for f, v in state.opt.items()}
         samples = np.concatenate([c.samples for c in calls]) if calls else np.zeros(0, dtype=np.int64)
         w = torch.zeros(len(samples), dtype=self.dtype, device=self.device, requires_grad=True)
-        with torch.enable_grad():
+        counted = [0]
+
+        def pack(x):  # counts the tensors the graph saves (the first graph only), keeps them as they are
+            counted[0] += x.numel() * x.element_size()
+            return x
+
+        with torch.enable_grad(), (torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x)
+                                   if not self.graph_bytes else contextlib.nullcontext()):
             loss = self.loss(t, calls, params, span.buffers, w)
             grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
             new_params, new_opt = self.rule.functional_step(params, self._gradients(params, grads, row), opt, row)
+        if not self.graph_bytes:
+            self.graph_bytes = counted[0] + state.nbytes()
         outputs, cot_of = [], []
         for k, p in enumerate(new_params):
             if p.requires_grad:
@@ -387,6 +391,9 @@ class Replayer:
         new_views = list(self.layout.unflatten(new_adj).values())
         new_state = {f: [None if s is None else torch.zeros((walk.adj.shape[0], *s.shape), dtype=self.dtype,
                                                              device=self.device) for s in v] for f, v in opt.items()}
+        if not self._chunk_sized and self.vjp_memory is not None and self.graph_bytes:
+            self.cotangent_chunk = max(1, min(self.cotangent_chunk, self.vjp_memory // self.graph_bytes))
+            self._chunk_sized = True
         for a in range(walk.live, walk.m, self.cotangent_chunk):
             b = min(a + self.cotangent_chunk, walk.m)
             cots = []

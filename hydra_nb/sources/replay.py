@@ -71,7 +71,7 @@ class ReplaySource(HypergradientSource):
         data.check(self.reader.meta.get("replay", {}).get("fingerprint"))
         return Replayer(StoreRecording(self.reader, model), model, self.reader.optimizer_rule, data, loss_fn,
                         device=device, dtype=dtype, tolerance=self.tolerance, state_memory=budget // 2,
-                        progress=progress)
+                        vjp_memory=budget // 4, progress=progress)
 
     @contextmanager
     def _replaying(self, model, replayer: Replayer):
