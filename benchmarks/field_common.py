@@ -47,6 +47,14 @@ MODELS = {
 }
 
 
+def sizes(args, **defaults) -> None:
+    """Fill the run-size options left unset (None) from ``defaults``: name=(quick value, full value), picked by
+    ``args.quick`` — one place for the benchmarks' "--quick is a smoke run" rule."""
+    for name, (quick, full) in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, quick if args.quick else full)
+
+
 def make_model(name: str, seed: int, dtype=torch.float64, device="cpu", **kw) -> nn.Module:
     ctor, _ = MODELS[name]
     torch.manual_seed(seed)

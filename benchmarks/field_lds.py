@@ -177,10 +177,7 @@ def main(argv=None) -> int:
     ap.add_argument("--no-ceiling", action="store_true", help="skip the second retrain (noise ceiling)")
     args = ap.parse_args(argv)
     q = args.quick
-    args.seeds = args.seeds if args.seeds is not None else ([0] if q else [0, 1, 2])
-    args.subsets = args.subsets or (20 if q else 100)
-    args.n_test = args.n_test or (10 if q else 50)
-    args.epochs = args.epochs or (1 if q else 4)
+    fc.sizes(args, seeds=([0], [0, 1, 2]), subsets=(20, 100), n_test=(10, 50), epochs=(1, 4))
     exact_seeds = dict(MLP=1, SmallCNN=0) if q else dict(MLP=3, SmallCNN=1)
     for item in args.exact_seeds or []:
         k, v = item.split("=")

@@ -76,10 +76,7 @@ def main(argv=None) -> int:
     ap.add_argument("--damping", type=float, default=0.01)
     args = ap.parse_args(argv)
     q = args.quick
-    args.seeds = args.seeds if args.seeds is not None else ([0] if q else [0, 1, 2])
-    args.n_test = args.n_test or (2 if q else 5)
-    args.n_extreme = args.n_extreme or (5 if q else 20)
-    args.epochs = args.epochs or (1 if q else 4)
+    fc.sizes(args, seeds=([0], [0, 1, 2]), n_test=(2, 5), n_extreme=(5, 20), epochs=(1, 4))
     torch.set_default_dtype(torch.float64)
     session = fc.FieldRun()
     x, y, xt, yt = fc.digits("MLP")

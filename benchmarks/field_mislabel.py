@@ -157,8 +157,7 @@ def main(argv=None) -> int:
     ap.add_argument("--folds", type=int, default=5)
     ap.add_argument("--dampings", type=float, nargs="+", default=[0.01, 0.1])
     args = ap.parse_args(argv)
-    args.seeds = args.seeds if args.seeds is not None else ([0] if args.quick else [0, 1, 2])
-    args.epochs = args.epochs or (3 if args.quick else 20)
+    fc.sizes(args, seeds=([0], [0, 1, 2]), epochs=(3, 20))
     args.ks = [1024, None]
     torch.set_default_dtype(torch.float64)
     session = fc.FieldRun()

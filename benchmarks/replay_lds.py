@@ -255,10 +255,7 @@ def main(argv=None) -> int:
     ap.add_argument("--tag", default="", help="suffix of the JSON file name (for setting sweeps)")
     args = ap.parse_args(argv)
     q = args.quick
-    args.seeds = args.seeds if args.seeds is not None else ([0] if q else [0, 1, 2])
-    args.subsets = args.subsets or (20 if q else 100)
-    args.n_test = args.n_test or (10 if q else 50)
-    args.epochs = args.epochs or (1 if q else 4)
+    fc.sizes(args, seeds=([0], [0, 1, 2]), subsets=(20, 100), n_test=(10, 50), epochs=(1, 4))
     torch.set_default_dtype(torch.float64)
 
     session = fc.FieldRun()

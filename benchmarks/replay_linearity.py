@@ -55,10 +55,7 @@ def main(argv=None) -> int:
     ap.add_argument("--tag", default="", help="suffix of the JSON file name")
     args = ap.parse_args(argv)
     q = args.quick
-    args.seeds = args.seeds if args.seeds is not None else ([0] if q else [0, 1])
-    args.n_samples = args.n_samples or (4 if q else 20)
-    args.n_test = args.n_test or (4 if q else 20)
-    args.epochs = args.epochs or (1 if q else 4)
+    fc.sizes(args, seeds=([0], [0, 1]), n_samples=(4, 20), n_test=(4, 20), epochs=(1, 4))
     torch.set_default_dtype(torch.float64)
     session = fc.FieldRun()
     cfg = argparse.Namespace(lr=args.lr, momentum=args.momentum, batch_size=args.batch_size, epochs=args.epochs,
