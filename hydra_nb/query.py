@@ -402,15 +402,17 @@ class Store:
         return self._sources[mode]
 
     def _check_operation(self, mode: str | None, operation: str, what: str) -> None:
-        """Raise :class:`UnsupportedQuery` before any work if ``mode``'s source has no ``operation`` (a replay walks
-        the run once per test vector, so it has no self-influence), naming the modes this store can answer it in, or
-        why it has none (a replay-only recording holds no per-sample rows)."""
+        """Raise :class:`UnsupportedQuery` before any work (and before asking for ``train_data``) if ``mode`` is
+        answered by replay and replay has no ``operation`` (it walks the run once per test vector, so it has no
+        self-influence), naming the modes this store can answer it in, or why it has none (a replay-only
+        recording holds no per-sample rows)."""
         resolved = self.mode if mode is None else mode
         if resolved == "exact" and self.mode != "exact":
             resolved = "replay"
         cls = SOURCES.get(resolved)
-        if cls is None or getattr(cls, operation) is not getattr(HypergradientSource, operation):
-            return  # an unknown mode gets source()'s message
+        if cls is None or not cls.needs_training_data \
+                or getattr(cls, operation) is not getattr(HypergradientSource, operation):
+            return  # an unknown mode gets source()'s message, a store-only source its own refusal when asked
         able, having = [], []
         for name, other in SOURCES.items():
             if getattr(other, operation) is getattr(HypergradientSource, operation):
@@ -426,8 +428,7 @@ class Store:
                        f"hypergradients, and this run (recorded with mode={self.mode!r}) holds neither: track with "
                        "mode='fast' (the default), or add the rows: store.add_rows(model, train_data) replays the "
                        "run once into a new fast-mode store.")
-        reason = (f"a replay walks the run once per test vector, and {what} would need a walk per training sample"
-                  if cls.needs_training_data else f"its source has no {operation} operation")
+        reason = f"a replay walks the run once per test vector, and {what} would need a walk per training sample"
         raise UnsupportedQuery(f"{what.capitalize()} cannot come from mode={resolved!r}: {reason}. {instead}".strip())
 
     @property
