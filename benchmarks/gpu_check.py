@@ -2,8 +2,9 @@
 
 Trains SmallCNN on 8×8 digits in float64 (so that the comparison is not limited by float32
 round-off; cuDNN is put in deterministic mode) for 2 epochs, SGD (lr 0.05, momentum 0.9, weight
-decay 5e-4), under ``hydra_nb.track`` once on ``cuda`` and once on ``cpu``, in three configurations:
-fast mode at full dimension, fast mode projected to k = 1024, and exact mode for 32 samples. Reports
+decay 5e-4), under ``hydra_nb.track`` once on ``cuda`` and once on ``cpu``, in five configurations:
+fast mode at full dimension, fast mode projected to k = 1024, exact mode for 32 samples, and exact
+answers by replay (all samples) from a fast store and from a replay-only recording. Reports
 the relative difference of the contribution matrices (20 test points × tracked samples); the check
 fails (exit status 1) above ``--rtol``. Also reports the final-parameter difference, which bounds
 what tracking could reproduce.
@@ -31,14 +32,17 @@ import common  # noqa: E402
 import hydra_nb  # noqa: E402
 from hydra_nb.examples import SmallCNN, load_digits  # noqa: E402
 
-CONFIGS = {
-    "fast, full dim": dict(mode="fast", projection_dim=None),
-    "fast, k=1024": dict(mode="fast", projection_dim=1024),
-    "exact, 32 samples": dict(mode="exact", projection_dim=None, exact_indices=np.arange(0, 1438, 45)[:32]),
+CONFIGS = {  # name: (track's options, the query's mode; "exact" on a fast or replay store is the replay)
+    "fast, full dim": (dict(mode="fast", projection_dim=None), None),
+    "fast, k=1024": (dict(mode="fast", projection_dim=1024), None),
+    "exact, 32 samples": (dict(mode="exact", projection_dim=None, exact_indices=np.arange(0, 1438, 45)[:32]), None),
+    "exact by replay, fast store": (dict(mode="fast", projection_dim=1024), "exact"),
+    "exact by replay, replay-only recording": (dict(mode="replay"), "exact"),
 }
 
 
-def run(device: str, cfg: dict, tmp: Path, x, y, xq, yq, epochs: int):
+def run(device: str, cfg: tuple, tmp: Path, x, y, xq, yq, epochs: int):
+    cfg, query_mode = cfg
     torch.manual_seed(0)
     model = SmallCNN().to(device=device, dtype=torch.float64)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
@@ -56,7 +60,8 @@ def run(device: str, cfg: dict, tmp: Path, x, y, xq, yq, epochs: int):
     secs = time.perf_counter() - t0
     if tracker.failure is not None:
         raise RuntimeError(f"tracking failed on {device}: {tracker.failure!r}")
-    c = hydra_nb.open_store(store).contributions(model, xq.to(device), yq.to(device), progress=False)
+    query = {} if query_mode is None else {"mode": query_mode, "train_data": (x.to(device), y.to(device))}
+    c = hydra_nb.open_store(store).contributions(model, xq.to(device), yq.to(device), progress=False, **query)
     theta = torch.cat([p.detach().cpu().reshape(-1) for p in model.parameters()])
     return c, theta, secs
 

@@ -50,11 +50,13 @@ TARGET = {"LeNet5": 3.0}  # issue 14: ≤ 3× training for 8 test points on LeNe
 
 
 def make_run(name: str, seed: int, args):
+    """The model (on ``args.device``) and the digits at its input size; the training data stays on the host (the
+    loader's batches go to the device in the loop, as users do; replay's train_data likewise)."""
     model_cls, size = MODELS[name]
     x_tr, y_tr, x_te, y_te = load_digits(image_size=size)
     common.seed_everything(seed)
-    model = model_cls()
-    return model, (x_tr, y_tr), (x_te, y_te)
+    model = model_cls().to(args.device)
+    return model, (x_tr, y_tr), (x_te.to(args.device), y_te.to(args.device))
 
 
 def train(model, data, args, seed: int, store=None):
@@ -65,16 +67,19 @@ def train(model, data, args, seed: int, store=None):
     def loop():
         for _ in range(args.epochs):
             for x, y in loader:
+                x, y = x.to(args.device, non_blocking=True), y.to(args.device, non_blocking=True)
                 opt.zero_grad()
                 F.cross_entropy(model(x), y).backward()
                 opt.step()
 
+    common.sync(args.device)
     start = time.perf_counter()
     if store is None:
         loop()
     else:
         with hydra_nb.track(model, loader, store=store, optimizer=opt, projection_dim=1024, overwrite=True):
             loop()
+    common.sync(args.device)
     return time.perf_counter() - start
 
 
@@ -147,8 +152,10 @@ def bench(name: str, args, tmp: Path) -> list[dict]:
         plain_model.load_state_dict(init)
         plain.append(train(plain_model, train_data, args, args.seed))
         for m in args.tests:
+            common.sync(args.device)
             start = time.perf_counter()
             store.contributions(model, x_te[:m], y_te[:m], mode="exact", train_data=train_data, progress=False)
+            common.sync(args.device)
             queries[m].append(time.perf_counter() - start)
             drift = store.source("exact", train_data=train_data).drift
     plain_s = common.median(plain)
@@ -156,7 +163,7 @@ def bench(name: str, args, tmp: Path) -> list[dict]:
     for m in args.tests:
         proc = subprocess.run([sys.executable, __file__, "--child-model", name, "--child-tests", str(m),
                                "--child-store", str(path), "--seed", str(args.seed), "--epochs", str(args.epochs),
-                               "--batch-size", str(args.batch_size)],
+                               "--batch-size", str(args.batch_size), "--device", args.device],
                               capture_output=True, text=True, check=True)
         mem = json.loads(proc.stdout.strip().splitlines()[-1])
         q = common.median(queries[m])
@@ -184,6 +191,7 @@ def main() -> None:
     p.add_argument("--momentum", type=float, default=0.9)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:i]; memory is the host's resident set")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--child-model", help=argparse.SUPPRESS)
     p.add_argument("--child-tests", type=int, help=argparse.SUPPRESS)
@@ -208,7 +216,8 @@ def main() -> None:
 
         shutil.rmtree(tmp, ignore_errors=True)
     common.print_table(rows, digits=3, title="Exact query by replay: cost against plain training, memory")
-    common.write_json("replay_cost", {"args": vars(args), "machine": common.machine_info(), "rows": rows,
+    common.write_json("replay_cost" + ("" if args.device == "cpu" else "_cuda"),
+                      {"args": vars(args), "machine": common.machine_info(args.device), "rows": rows,
                                       "git": common.git_revision()})
 
 
