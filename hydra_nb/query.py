@@ -377,9 +377,7 @@ class Store:
         each step's curvature estimated from its logged rows (:attr:`curvature` says which estimate;
         docs/curvature.md).
         """
-        mode = self.mode if mode is None else mode
-        if mode == "exact" and self.mode != "exact":
-            mode = "replay"
+        mode = self._resolve_mode(mode)
         if mode not in SOURCES:
             raise ValueError(f"mode must be {', '.join(map(repr, SOURCES))} or None, got {mode!r}.")
         cls = SOURCES[mode]
@@ -395,32 +393,34 @@ class Store:
                 self._replay_source = (key, cls(self.reader, train_data, tolerance=replay_tolerance))
             return self._replay_source[1]
         if mode not in self._sources:
-            options = {name: getattr(self, name) for name in cls.store_options}
+            options = self._options_of(cls)
             if (why := cls.unavailable(self.reader, **options)) is not None:
                 raise cls.unavailable_error(why)
             self._sources[mode] = cls(self.reader, **options)
         return self._sources[mode]
+
+    def _resolve_mode(self, mode: str | None) -> str:
+        """The source a query's ``mode`` names: None is the store's own mode; ``"exact"`` on a store that did not
+        record exact hypergradients is the replay."""
+        mode = self.mode if mode is None else mode
+        return "replay" if mode == "exact" and self.mode != "exact" else mode
+
+    def _options_of(self, cls) -> dict:
+        """The Store attributes a source class takes (``store_options``), by keyword."""
+        return {name: getattr(self, name) for name in cls.store_options}
 
     def _check_operation(self, mode: str | None, operation: str, what: str) -> None:
         """Raise :class:`UnsupportedQuery` before any work (and before asking for ``train_data``) if ``mode`` is
         answered by replay and replay has no ``operation`` (it walks the run once per test vector, so it has no
         self-influence), naming the modes this store can answer it in, or why it has none (a replay-only
         recording holds no per-sample rows)."""
-        resolved = self.mode if mode is None else mode
-        if resolved == "exact" and self.mode != "exact":
-            resolved = "replay"
+        resolved = self._resolve_mode(mode)
         cls = SOURCES.get(resolved)
-        if cls is None or not cls.needs_training_data \
-                or getattr(cls, operation) is not getattr(HypergradientSource, operation):
+        if cls is None or not cls.needs_training_data or cls.offers(operation):
             return  # an unknown mode gets source()'s message, a store-only source its own refusal when asked
-        able, having = [], []
-        for name, other in SOURCES.items():
-            if getattr(other, operation) is getattr(HypergradientSource, operation):
-                continue
-            having.append(name)
-            options = {key: getattr(self, key) for key in other.store_options}
-            if other.unavailable(self.reader, **options) is None:
-                able.append(name)
+        having = [name for name, other in SOURCES.items() if other.offers(operation)]
+        able = [name for name in having
+                if SOURCES[name].unavailable(self.reader, **self._options_of(SOURCES[name])) is None]
         if able:
             instead = "Ask with " + " or ".join(f"mode={m!r}" for m in able) + "."
         else:

@@ -32,7 +32,7 @@ from torch import nn
 
 from ..errors import TrackingConfigError
 from ..params import ParamLayout
-from .base import OptimizerRule, Row, State, copy_or_none, group_values, scalar
+from .base import OptimizerRule, Row, State, copy_or_none, scalar
 
 
 def sqrt0(v: torch.Tensor) -> torch.Tensor:
@@ -132,24 +132,17 @@ class AdamRule(OptimizerRule):
         return {f: [copy_or_none(s.get(f)) for s in states] for f in self.state_fields}
 
     # -- the optimizer itself -------------------------------------------------------------------
-    def make_optimizer(self, groups, row: Row, layout: ParamLayout) -> torch.optim.Adam:
-        """``torch.optim.AdamW`` (a store named "AdamW") or ``torch.optim.Adam`` over ``groups``, row's hyperparameters."""
-        values = group_values([p for g in groups for p in g], layout, row, len(groups))
-        spec = [{"params": g, **self._group(v)} if v is not None else {"params": g} for g, v in zip(groups, values)]
+    def torch_optimizer(self, spec: list[dict]) -> torch.optim.Adam:
+        """``torch.optim.AdamW`` for a store named "AdamW", else ``torch.optim.Adam``."""
         cls = torch.optim.AdamW if self.name == "AdamW" else torch.optim.Adam
-        return cls(spec, foreach=False)
+        return cls([{k: x for k, x in g.items() if k != "decoupled_weight_decay"} for g in spec], foreach=False)
 
-    @staticmethod
-    def _group(v: dict) -> dict:
+    def group_options(self, v: dict) -> dict:
+        """lr, betas, eps, weight decay, amsgrad, and whether the decay is decoupled (set by ``apply_row`` where this
+        torch's Adam holds that option)."""
         return {"lr": float(v["lr"]), "betas": (float(v["beta1"]), float(v["beta2"])), "eps": float(v["eps"]),
-                "weight_decay": float(v["weight_decay"]), "amsgrad": bool(v["amsgrad"])}
-
-    def apply_row(self, optimizer, params, layout: ParamLayout, row: Row) -> None:
-        for group, v in zip(optimizer.param_groups, group_values(params, layout, row, len(optimizer.param_groups))):
-            if v is not None:
-                group.update(self._group(v))
-                if "decoupled_weight_decay" in group:
-                    group["decoupled_weight_decay"] = bool(v["decoupled"])
+                "weight_decay": float(v["weight_decay"]), "amsgrad": bool(v["amsgrad"]),
+                "decoupled_weight_decay": bool(v["decoupled"])}
 
     def load_state(self, optimizer, params, state: State, row: Row | None) -> None:
         """m, v (and v̂) per parameter, copies, with torch's step count t before the step of ``row``: the row's count

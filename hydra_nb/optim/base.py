@@ -129,16 +129,29 @@ class OptimizerRule(ABC):
         """The optimizer's state as ``functional_step`` takes it: ``{field: [detached copy or None per param]}``."""
 
     # -- the optimizer itself (``Store.add_rows`` drives a real one through a recorded run) ----------
+    def torch_optimizer(self, spec: list[dict]) -> torch.optim.Optimizer:
+        """This rule's ``torch.optim`` optimizer over the parameter-group dicts ``spec``."""
+        raise NotImplementedError(f"hydra_nb cannot rebuild a {self.name} optimizer from a store")
+
+    def group_options(self, values: dict) -> dict:
+        """A parameter group's hyperparameters as torch names them, from one group's trace values
+        (``group_values``): the inverse of ``read_step`` for the fields a group holds."""
+        raise NotImplementedError(f"hydra_nb cannot rebuild a {self.name} optimizer from a store")
+
     def make_optimizer(self, groups: list[list[nn.Parameter]], row: Row, layout: ParamLayout) -> torch.optim.Optimizer:
         """A ``torch.optim`` optimizer of this rule's kind over ``groups`` (one list per recorded parameter group,
         in the layout's group order), with the hyperparameters of trace ``row`` (``apply_row``)."""
-        raise NotImplementedError(f"hydra_nb cannot rebuild a {self.name} optimizer from a store")
+        values = group_values([p for g in groups for p in g], layout, row, len(groups))
+        return self.torch_optimizer([{"params": g, **self.group_options(v)} if v is not None else {"params": g}
+                                     for g, v in zip(groups, values)])
 
     def apply_row(self, optimizer: torch.optim.Optimizer, params: list[nn.Parameter], layout: ParamLayout,
                   row: Row) -> None:
-        """Set every parameter group's hyperparameters to those trace ``row`` recorded (call before ``step``):
-        the inverse of ``read_step`` for the fields a group holds. A scheduler's effect is in the row."""
-        raise NotImplementedError(f"hydra_nb cannot rebuild a {self.name} optimizer from a store")
+        """Set every parameter group's hyperparameters to those trace ``row`` recorded (call before ``step``).
+        A scheduler's effect is in the row; an option this torch's optimizer does not hold is left out."""
+        for group, v in zip(optimizer.param_groups, group_values(params, layout, row, len(optimizer.param_groups))):
+            if v is not None:
+                group.update({k: x for k, x in self.group_options(v).items() if k in group})
 
     def load_state(self, optimizer: torch.optim.Optimizer, params: list[nn.Parameter], state: State,
                    row: Row | None) -> None:

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from ..params import ParamLayout
-from .base import OptimizerRule, Row, State, copy_or_none, group_values, scalar
+from .base import OptimizerRule, Row, State, copy_or_none, scalar
 
 
 class SGDRule(OptimizerRule):
@@ -79,21 +79,13 @@ class SGDRule(OptimizerRule):
                                     for p in params]}
 
     # -- the optimizer itself -------------------------------------------------------------------
-    def make_optimizer(self, groups, row: Row, layout: ParamLayout) -> torch.optim.SGD:
-        """``torch.optim.SGD`` over ``groups`` with row's lr, momentum, dampening, weight decay and Nesterov."""
-        values = group_values([p for g in groups for p in g], layout, row, len(groups))
-        spec = [{"params": g, **self._group(v)} if v is not None else {"params": g} for g, v in zip(groups, values)]
+    def torch_optimizer(self, spec: list[dict]) -> torch.optim.SGD:
         return torch.optim.SGD(spec, lr=0.0, foreach=False)
 
-    @staticmethod
-    def _group(v: dict) -> dict:
+    def group_options(self, v: dict) -> dict:
+        """lr, momentum, dampening, weight decay and Nesterov."""
         return {"lr": float(v["lr"]), "momentum": float(v["momentum"]), "dampening": float(v["dampening"]),
                 "weight_decay": float(v["weight_decay"]), "nesterov": bool(v["nesterov"])}
-
-    def apply_row(self, optimizer, params, layout: ParamLayout, row: Row) -> None:
-        for group, v in zip(optimizer.param_groups, group_values(params, layout, row, len(optimizer.param_groups))):
-            if v is not None:
-                group.update(self._group(v))
 
     def load_state(self, optimizer, params, state: State, row: Row | None) -> None:
         """Each parameter's ``momentum_buffer`` (a copy), or none where ``state`` has None."""

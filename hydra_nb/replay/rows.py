@@ -30,7 +30,6 @@ original store is only read.
 from __future__ import annotations
 
 import copy
-import math
 import os
 import shutil
 import uuid
@@ -46,7 +45,7 @@ from ..errors import ReplayError, StoreOccupied, TrackingConfigError
 from ..store import StoreReader, lock_holder, read_meta
 from .record import model_call, split_batch
 from .recording import StoreRecording, TrainingData, replay_problem
-from .walk import DEFAULT_TOLERANCE, LIKELY_CAUSES
+from .walk import DEFAULT_TOLERANCE, check_arrival
 
 
 def default_path(reader: StoreReader) -> Path:
@@ -250,18 +249,8 @@ def _load(reader, recording, model, params, optimizer, c: int, row) -> None:
 
 def _check_arrival(reader, params, c: int, tolerance: float) -> None:
     """The replayed θ at checkpoint c must be the stored one within ``tolerance`` (relative), as replay queries
-    require (``hydra_nb.replay.walk``)."""
-    stored = torch.as_tensor(reader.params_at(c)).to(torch.float64)
-    got = torch.cat([p.detach().reshape(-1).to("cpu", torch.float64) for p in params])
-    drift = float((got - stored).norm() / stored.norm().clamp_min(1e-300))
-    if not math.isfinite(drift) or drift > tolerance:
-        lo, hi = (int(reader.checkpoint_steps[k]) for k in (c - 1, c))
-        raise ReplayError(
-            f"Replaying the run did not reproduce it: replayed from checkpoint {c - 1} (step {lo}) to checkpoint {c} "
-            f"(step {hi}), the parameters differ from the stored ones by {drift:.2e} (relative; the tolerance is "
-            f"{tolerance:.0e}), so no rows are written. Likely causes: {LIKELY_CAUSES}. Pass the training set exactly "
-            "as the tracked DataLoader's dataset indexes it (e.g. train_data=loader.dataset, without random "
-            "transforms).")
+    require (``hydra_nb.replay.walk.check_arrival``)."""
+    check_arrival(params, reader.params_at(c), reader.checkpoint_steps, c, tolerance, "no rows are written")
 
 
 def _finish(reader: StoreReader, temp: Path, target: Path) -> None:

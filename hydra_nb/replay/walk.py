@@ -97,6 +97,24 @@ class State:
         return sum(t.numel() * t.element_size() for t in tensors)
 
 
+def check_arrival(params, stored, checkpoint_steps, c_next: int, tolerance: float, outcome: str) -> float:
+    """drift = ‖θ_replayed − θ_stored‖/‖θ_stored‖ at checkpoint ``c_next`` (``params``: the replayed tensors,
+    ``stored``: the checkpoint's flat θ); raises ReplayError, saying ``outcome`` (what is then not done), where it
+    is above ``tolerance`` or not finite. Returns the drift."""
+    got = torch.cat([p.detach().reshape(-1) for p in params]).to(torch.float64)
+    stored = torch.as_tensor(stored).to(device=got.device, dtype=torch.float64)
+    drift = float((got - stored).norm() / stored.norm().clamp_min(1e-300))
+    if not math.isfinite(drift) or drift > tolerance:
+        lo, hi = (int(checkpoint_steps[c]) for c in (c_next - 1, c_next))
+        raise ReplayError(
+            f"Replaying the run did not reproduce it: replayed from checkpoint {c_next - 1} (step {lo}) to "
+            f"checkpoint {c_next} (step {hi}), the parameters differ from the stored ones by {drift:.2e} "
+            f"(relative; the tolerance is {tolerance:.0e}), so {outcome}. Likely causes: {LIKELY_CAUSES}. Pass the "
+            "training set exactly as the tracked DataLoader's dataset indexes it (e.g. train_data=loader.dataset, "
+            "without random transforms).")
+    return drift
+
+
 class Replayer:
     """Replays a recorded run forward from its checkpoints and walks it backward (see the module docstring).
 
@@ -224,18 +242,8 @@ class Replayer:
 
     def _check_arrival(self, c_next: int, arrived: State) -> None:
         """θ replayed from checkpoint c_next−1 must arrive at checkpoint c_next's stored θ within the tolerance."""
-        stored = torch.as_tensor(self.rec.params_at(c_next)).to(device=self.device, dtype=torch.float64)
-        got = torch.cat([p.reshape(-1) for p in arrived.params]).to(torch.float64)
-        drift = float((got - stored).norm() / stored.norm().clamp_min(1e-300))
-        self.drift[c_next] = drift
-        if not math.isfinite(drift) or drift > self.tolerance:
-            lo, hi = (int(self.rec.checkpoint_steps[c]) for c in (c_next - 1, c_next))
-            raise ReplayError(
-                f"Replaying the run did not reproduce it: replayed from checkpoint {c_next - 1} (step {lo}) to "
-                f"checkpoint {c_next} (step {hi}), the parameters differ from the stored ones by {drift:.2e} "
-                f"(relative; the tolerance is {self.tolerance:.0e}), so no exact answer is returned. Likely "
-                f"causes: {LIKELY_CAUSES}. Pass the training set exactly as the tracked DataLoader's dataset "
-                "indexes it (e.g. train_data=loader.dataset, without random transforms).")
+        self.drift[c_next] = check_arrival(arrived.params, self.rec.params_at(c_next), self.rec.checkpoint_steps,
+                                           c_next, self.tolerance, "no exact answer is returned")
 
     # -- what if: the run again with some samples' loss weights changed ----------------------------
     def counterfactual(self, w: np.ndarray, verified: set) -> tuple[State, dict]:

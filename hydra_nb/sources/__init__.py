@@ -183,6 +183,11 @@ class HypergradientSource(ABC):
         """Why this source cannot answer for the store of ``reader`` (what to do instead), or None if it can."""
         return None
 
+    @classmethod
+    def offers(cls, operation: str) -> bool:
+        """Whether this source has ``operation`` ("dot", "self_dot", "rows"), i.e. overrides the base's refusal."""
+        return getattr(cls, operation) is not getattr(HypergradientSource, operation)
+
     @property
     def tracked(self) -> np.ndarray:
         """Dataset indices of the samples this source answers for."""
@@ -212,8 +217,7 @@ class HypergradientSource(ABC):
         raise self._unsupported("rows", "hypergradient rows")
 
     def _unsupported(self, operation: str, what: str) -> UnsupportedQuery:
-        able = [m for m, cls in SOURCES.items()
-                if getattr(cls, operation) is not getattr(HypergradientSource, operation) and m != self.mode]
+        able = [m for m, cls in SOURCES.items() if cls.offers(operation) and m != self.mode]
         instead = " or ".join(f"mode={m!r}" for m in able) or "another source"
         return UnsupportedQuery(f"The {self.mode!r} hypergradient source cannot give {what} (it has no {operation} "
                                 f"operation). Ask with {instead}.")

@@ -36,7 +36,7 @@ import traitlets
 from ..data import Samples, as_samples, feature_stats_for, predicted_classes
 from ..errors import StoreError
 from ..query import Store, open_store, smallest_k
-from ..sources import SOURCES, HypergradientSource
+from ..sources import SOURCES
 from .wire import pack, split_buffers
 
 STATIC = Path(__file__).parent / "static"
@@ -208,7 +208,7 @@ class Explorer(anywidget.AnyWidget):
             cls = SOURCES.get(mode)
             if cls is None or cls.unavailable(s.reader) is not None:
                 continue
-            if operation == "dot" or getattr(cls, operation) is not getattr(HypergradientSource, operation):
+            if operation == "dot" or cls.offers(operation):
                 return mode
         return s.mode
 
