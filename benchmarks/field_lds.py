@@ -82,11 +82,11 @@ def attributions(name, seed, x, y, xq, yq, cfg, args, tmp: Path, exact: bool) ->
     _, s, paths = fc.train_tracked(model, x, y, cfg, tmp / "full.zarr", projection_dim=None, ckpt_dir=ckpt)
     info["same_params_as_plain"] = float((fc.flat_params(model) - fc.flat_params(plain)).abs().max())
     t0 = time.perf_counter()
-    scores["HYDRA fast, full dim"] = hydra_nb.open_store(tmp / "full.zarr").contributions(model, xq, yq, progress=False)
+    full = hydra_nb.open_store(tmp / "full.zarr")
+    scores["HYDRA fast, full dim"] = full.contributions(model, xq, yq, progress=False)
     secs["HYDRA fast, full dim"] = s + time.perf_counter() - t0
     t0 = time.perf_counter()  # issue 16: the curvature estimate from the same log (the estimate picked from it)
-    scores["HYDRA curvature, full dim"] = hydra_nb.open_store(tmp / "full.zarr").contributions(
-        model, xq, yq, mode="curvature", progress=False)
+    scores["HYDRA curvature, full dim"] = full.contributions(model, xq, yq, mode="curvature", progress=False)
     secs["HYDRA curvature, full dim"] = s + time.perf_counter() - t0
 
     for k in args.ks:

@@ -90,12 +90,12 @@ def run(rate: float, seed: int, x, y_clean, xt, yt, cfg, args, tmp: Path) -> dic
         _, s, paths = fc.train_tracked(m, x, y, cfg, tmp / f"h{k}.zarr", projection_dim=k, proj_seed=seed,
                                        ckpt_dir=ckpt if model is None else None)
         t0 = time.perf_counter()
-        scores[label] = hydra_nb.open_store(tmp / f"h{k}.zarr").self_influence(m, (x, y), progress=False)
+        store = hydra_nb.open_store(tmp / f"h{k}.zarr")
+        scores[label] = store.self_influence(m, (x, y), progress=False)
         secs[label] = s + time.perf_counter() - t0
         curvature = label.replace("fast", "curvature")  # issue 16: the curvature estimate from the same log
         t0 = time.perf_counter()
-        scores[curvature] = hydra_nb.open_store(tmp / f"h{k}.zarr").self_influence(m, (x, y), mode="curvature",
-                                                                                  progress=False)
+        scores[curvature] = store.self_influence(m, (x, y), mode="curvature", progress=False)
         secs[curvature] = s + time.perf_counter() - t0
         if model is None:
             model, ckpt_paths = m, paths
